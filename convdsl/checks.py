@@ -1,0 +1,103 @@
+"""Run-time checks: inputs against their declarations, and every layer
+against the sizes the inputs bind (LANGUAGE.md §8, last sentence)."""
+from __future__ import annotations
+
+import torch
+
+from .errors import ConvDSLInputError
+from .ir import Graph, TensorType
+from .ir.types import concretize, evaluate, static_value, symbol
+from .ops import OPS, ShapeContext
+
+TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def bind_inputs(graph: Graph, inputs: tuple, device: torch.device | None) -> dict[str, int]:
+    """Check each input's type, rank, dtype, device and dims; return the size symbols' values."""
+    names = [graph.node(i).attrs["name"] for i in graph.inputs]
+    if len(inputs) != len(names):
+        raise ConvDSLInputError(f"net {graph.name} takes {len(names)} input"
+                                f"{'' if len(names) == 1 else 's'} ({', '.join(names)}), "
+                                f"got {len(inputs)}", graph.span)
+    env: dict[str, int] = {}
+    where: dict[str, tuple[str, int]] = {}
+    for node_id, value in zip(graph.inputs, inputs):
+        node = graph.node(node_id)
+        name, declared = node.attrs["name"], node.types[0]
+        span = node.span
+        if not isinstance(value, torch.Tensor):
+            raise ConvDSLInputError(f"input '{name}' must be a torch.Tensor, got "
+                                    f"{type(value).__name__}", span)
+        if value.dim() != declared.rank:
+            raise ConvDSLInputError(f"input '{name}' is declared {declared} (rank {declared.rank}) "
+                                    f"but got a tensor of shape {_shape_text(value.shape)} "
+                                    f"(rank {value.dim()})", span)
+        want = TORCH_DTYPES[declared.dtype]
+        if value.dtype != want:
+            got = DTYPE_NAMES.get(value.dtype, str(value.dtype).replace("torch.", ""))
+            raise ConvDSLInputError(f"input '{name}' is declared {declared.dtype} but got {got}; "
+                                    f"convert it with .to(torch.{str(want).replace('torch.', '')})",
+                                    span)
+        if device is not None and value.device.type != device.type:
+            raise ConvDSLInputError(f"input '{name}' is on {value.device} but the net's parameters "
+                                    f"are on {device}", span)
+        for axis, (d, actual) in enumerate(zip(declared.shape, value.shape)):
+            fixed = static_value(d)
+            if fixed is not None:
+                if fixed != actual:
+                    raise ConvDSLInputError(f"input '{name}' dim {axis} must be {fixed} (declared "
+                                            f"{declared}), got {actual} in shape "
+                                            f"{_shape_text(value.shape)}", span)
+                continue
+            sym = str(d)
+            if sym in env and env[sym] != actual:
+                first, first_axis = where[sym]
+                raise ConvDSLInputError(f"size {sym} is {env[sym]} from input '{first}' dim "
+                                        f"{first_axis} but {actual} from input '{name}' dim {axis}; "
+                                        f"the same symbol must get the same value", span)
+            if actual < 1:
+                raise ConvDSLInputError(f"input '{name}' dim {axis} ({sym}) is empty", span)
+            env[sym] = int(actual)
+            where[sym] = (name, axis)
+    return env
+
+
+def check_layers(graph: Graph, env: dict[str, int]) -> dict[int, dict]:
+    """Re-run each op's shape rule on concrete sizes; return its concrete attributes.
+
+    A layer that the bound sizes make invalid (an input too small for a kernel,
+    a size= out of range) raises an error at that layer's source line."""
+    sym_env = {symbol(k): v for k, v in env.items()}
+    bound = ", ".join(f"{k}={v}" for k, v in sorted(env.items()))
+    concrete_types: dict = {}
+    attrs_by_node: dict[int, dict] = {}
+    for node in graph.nodes():
+        if node.op == "_input":
+            concrete_types[node.id] = [_concrete_type(node.types[0], sym_env)]
+            continue
+        attrs = concretize(node.attrs, sym_env)
+        ins = [concrete_types[r.node][r.index] for r in node.inputs]
+        ctx = ShapeContext(node.op, ins, attrs, node.span, node.arg_spans,
+                           runtime=f"(at run time, with {bound})" if bound else "(at run time)")
+        types = OPS[node.op].shape(ctx)
+        for t in types:
+            for axis, d in enumerate(t.shape):
+                if int(d) < 1:
+                    what = f"layer '{node.layer}'" if node.layer else f"{node.op.lstrip('_')}"
+                    raise ConvDSLInputError(
+                        f"{what} would give an empty output (size {int(d)} along dim {axis}) for "
+                        f"inputs with {bound}: the input is too small for it", node.span)
+        concrete_types[node.id] = types
+        attrs_by_node[node.id] = attrs
+    return attrs_by_node
+
+
+def _concrete_type(t: TensorType, sym_env) -> TensorType:
+    import sympy
+
+    return TensorType(t.dtype, tuple(sympy.Integer(evaluate(d, sym_env)) for d in t.shape))

@@ -1,0 +1,156 @@
+"""CompiledNet: the torch.nn.Module a compiled .cdsl net becomes."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .checks import bind_inputs, check_layers
+from .errors import ConvDSLError, ConvDSLInputError
+from .ir import Graph
+from .ir.printer import FORMATS
+from .ops import OPS
+from .ops.inits import initialize
+
+STAGES = ("parsed", "optimized")
+
+
+class _Layer(nn.Module):
+    """Holds one layer's parameters, so state_dict keys read `c1.weight`."""
+
+
+def _install(root: nn.Module, dotted: str, value: nn.Parameter) -> None:
+    # Layer names may be anything an identifier allows (`training`, `ir`,
+    # `0`), so write the module dicts directly instead of setattr.
+    *path, leaf = dotted.split(".")
+    module = root
+    for part in path:
+        child = module._modules.get(part)
+        if child is None:
+            child = _Layer()
+            module._modules[part] = child
+        module = child
+    module._parameters[leaf] = value
+
+
+def _lookup(root: nn.Module, dotted: str) -> torch.Tensor:
+    *path, leaf = dotted.split(".")
+    module = root
+    for part in path:
+        module = module._modules[part]
+    return module._parameters[leaf]
+
+
+class CompiledNet(nn.Module):
+    """A compiled net. Call it like any module: `net(x)` or `net(x, y)`."""
+
+    def __init__(self, parsed: Graph, optimized: Graph, backend: str, warnings=(),
+                 source_name: str = "<string>"):
+        super().__init__()
+        self._graphs = {"parsed": parsed, "optimized": optimized}
+        self._graph = optimized
+        self.backend = backend
+        self.warnings = list(warnings)
+        self.source_name = source_name
+        self._plans: dict[tuple, dict] = {}
+        self._kmeans_pending = {p.layer for p in optimized.params.values() if p.init[0] == "kmeans"}
+        for decl in optimized.params.values():
+            value = nn.Parameter(initialize(decl), requires_grad=decl.trainable)
+            _install(self, decl.name, value)
+        self.register_load_state_dict_post_hook(_loaded)
+
+    # -- inspection ----------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._graph.name
+
+    def ir(self, stage: str = "optimized", format: str = "text") -> str:
+        """The IR at a stage (parsed, optimized) as text, dot or json."""
+        if stage not in self._graphs:
+            raise ValueError(f"unknown IR stage '{stage}'; choose one of {', '.join(STAGES)}")
+        if format not in FORMATS:
+            raise ValueError(f"unknown IR format '{format}'; choose one of {', '.join(FORMATS)}")
+        return FORMATS[format](self._graphs[stage])
+
+    @property
+    def kernels(self) -> dict[str, str]:
+        """Generated kernel sources by name; the torch backend generates none."""
+        return {}
+
+    def parameter_count(self, trainable_only: bool = False) -> int:
+        """Real parameters (a connection table's absent connections excluded)."""
+        return self._graph.parameter_count(trainable_only)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [self._graph.node(i).attrs["name"] for i in self._graph.inputs]
+
+    def fit_features(self, x: torch.Tensor) -> None:
+        if not self._kmeans_pending:
+            raise ConvDSLError(f"net {self.name} has no init=kmeans layer to fit")
+        from .kmeans import fit_kmeans_layers
+
+        fit_kmeans_layers(self, x)
+
+    # -- running -------------------------------------------------------------------------
+    def _device(self) -> torch.device | None:
+        for p in self.parameters():
+            return p.device
+        return None
+
+    def _plan(self, env: dict[str, int]) -> dict:
+        key = tuple(sorted(env.items()))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = check_layers(self._graph, env)
+            if len(self._plans) > 64:  # variable-size inputs: keep the cache bounded
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def forward(self, *inputs):
+        if self._kmeans_pending:
+            layers = ", ".join(sorted(self._kmeans_pending))
+            raise ConvDSLError(f"layer {layers} has init=kmeans: call net.fit_features(x) with "
+                               f"training data before running the net")
+        return self._execute(inputs)
+
+    def _execute(self, inputs: tuple, stop_before: int | None = None):
+        """Run the graph; with `stop_before`, return that node's operands instead."""
+        graph = self._graph
+        env = bind_inputs(graph, inputs, self._device())
+        attrs_by_node = self._plan(env)
+        values: dict = {}
+        for node_id, value in zip(graph.inputs, inputs):
+            values[(node_id, 0)] = value
+        for node in graph.nodes():
+            if node.op == "_input":
+                continue
+            args = [values[(r.node, r.index)] for r in node.inputs]
+            if node.id == stop_before:
+                return args
+            params = {role: _lookup(self, name) for role, name in node.params.items()}
+            result = OPS[node.op].torch(args, attrs_by_node[node.id], params)
+            if isinstance(result, (list, tuple)):
+                for index, item in enumerate(result):
+                    values[(node.id, index)] = item
+            else:
+                values[(node.id, 0)] = result
+        outputs = tuple(values[(r.node, r.index)] for r in graph.outputs)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_plans"] = {}
+        return state
+
+    def extra_repr(self) -> str:
+        return f"net={self.name}, backend={self.backend}, parameters={self.parameter_count():,}"
+
+
+def _loaded(module: CompiledNet, incompatible_keys) -> None:
+    # Loading weights gives k-means layers their kernels: nothing left to fit.
+    if not incompatible_keys.missing_keys:
+        module._kmeans_pending = set()
+
+
+__all__ = ["CompiledNet", "ConvDSLInputError"]

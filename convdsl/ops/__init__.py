@@ -1,0 +1,5 @@
+"""The op table: every op of the language, defined once (see base.OpDef)."""
+from . import conv, elementwise, pool, structure  # noqa: F401  (each module registers its ops)
+from .base import LAYER_ARGS, OPS, Arg, OpDef, ParamShape, ShapeContext
+
+__all__ = ["LAYER_ARGS", "OPS", "Arg", "OpDef", "ParamShape", "ShapeContext"]

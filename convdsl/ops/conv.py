@@ -1,0 +1,392 @@
+"""The convolution family: conv, depthwise, local, tiled, deconv, dense
+(LANGUAGE.md §6, the book's eq. 9.4–9.14)."""
+from __future__ import annotations
+
+import sympy
+
+from ..ir.types import TensorType, static_value
+from ..torch_ops import conv as tconv
+from ..torch_ops import local as tlocal
+from .base import OPS, Arg, OpDef, ParamShape, ShapeContext
+from .spatial import (
+    conv_output_sizes,
+    effective_kernel,
+    expand_spatial,
+    normalize_pad,
+    prod,
+    require_spatial_input,
+    require_static_spatial,
+    resolve_pads,
+)
+
+BIAS_MODES = ("none", "channel", "location", "tiled")
+
+
+# -- conv ---------------------------------------------------------------------------------
+
+def _normalize_conv(ctx: ShapeContext) -> dict:
+    require_spatial_input(ctx)
+    a = ctx.attrs
+    out = a["out"]
+    if out < 1:
+        raise ctx.error(f"output channels must be >= 1, got {out}", "out")
+    table = a.get("connect")
+    groups = a["groups"]
+    if table is not None and groups != 1:
+        raise ctx.error("connect= and groups= cannot be combined; a table already says which "
+                        "channels each output reads", "connect")
+    if a["bias"] == "tiled":
+        raise ctx.error("bias=tiled needs the tiled op; conv takes none, channel or location", "bias")
+    return {
+        "out": out,
+        "kernel": expand_spatial(ctx, "kernel"),
+        "stride": expand_spatial(ctx, "stride"),
+        "pad": normalize_pad(ctx),
+        "dilation": expand_spatial(ctx, "dilation"),
+        "groups": groups,
+        "table": table,
+        "bias": a["bias"],
+        "flip": a["flip"],
+        "separable": a["separable"],
+    }
+
+
+def _check_table(ctx: ShapeContext, table, out: int, channels: int):
+    if len(table) != out:
+        raise ctx.error(f"connection table has {len(table)} rows but the conv has {out} output "
+                        f"channels; they must match", "connect")
+    for row_index, row in enumerate(table):
+        if not row:
+            raise ctx.error(f"row {row_index} of the connection table is empty", "connect")
+        for ch in row:
+            if not 0 <= ch < channels:
+                raise ctx.error(f"row {row_index} of the connection table reads input channel {ch}, "
+                                f"but the input has channels 0..{channels - 1}", "connect")
+        if len(set(row)) != len(row):
+            raise ctx.error(f"row {row_index} of the connection table lists a channel twice",
+                            "connect")
+
+
+def _conv_shape(ctx: ShapeContext) -> list[TensorType]:
+    a, x = ctx.attrs, ctx.x
+    require_spatial_input(ctx)
+    channels = x.channels
+    if a["table"] is not None:
+        _check_table(ctx, a["table"], a["out"], channels)
+    if channels % a["groups"]:
+        raise ctx.error(f"groups={a['groups']} must divide the {channels} input channels", "groups")
+    if a["out"] % a["groups"]:
+        raise ctx.error(f"groups={a['groups']} must divide the {a['out']} output channels", "groups")
+    sizes, _ = conv_output_sizes(ctx, a["pad"], a["kernel"], a["stride"], a["dilation"])
+    if a["bias"] == "location":
+        require_static_spatial(ctx, sizes, "bias=location")
+    return [TensorType(x.dtype, (x.shape[0], sympy.Integer(a["out"])) + sizes)]
+
+
+def _bias_param(mode: str, out: int, sizes, tiles=None) -> dict:
+    if mode == "channel":
+        return {"bias": ParamShape((out,), is_bias=True)}
+    if mode == "location":
+        return {"bias": ParamShape((out,) + tuple(int(s) for s in sizes), is_bias=True)}
+    if mode == "tiled":
+        return {"bias": ParamShape(tuple(tiles) + (out,), is_bias=True)}
+    return {}
+
+
+def _conv_params(ctx: ShapeContext, outs) -> dict:
+    a = ctx.attrs
+    channels = ctx.x.channels
+    per_group = channels // a["groups"]
+    taps = prod(a["kernel"])
+    fan_in = per_group * taps
+    fan_out = a["out"] // a["groups"] * taps
+    params = {}
+    if a["table"] is not None:
+        connections = sum(len(row) for row in a["table"])
+        fan_in = max(1, connections * taps // a["out"])
+        shape = (a["out"], channels) + a["kernel"]
+        if a["separable"]:
+            for d, k in enumerate(a["kernel"]):
+                params[f"weight_{d}"] = ParamShape((a["out"], channels, k), fan_in, fan_out,
+                                                   mask=a["table"], count=connections * k)
+        else:
+            params["weight"] = ParamShape(shape, fan_in, fan_out, mask=a["table"],
+                                          count=connections * taps)
+    elif a["separable"]:
+        for d, k in enumerate(a["kernel"]):
+            params[f"weight_{d}"] = ParamShape((a["out"], per_group, k), fan_in, fan_out)
+    else:
+        params["weight"] = ParamShape((a["out"], per_group) + a["kernel"], fan_in, fan_out)
+    params.update(_bias_param(a["bias"], a["out"], outs[0].spatial))
+    return params
+
+
+def _conv_torch(inputs, attrs, params):
+    x = inputs[0]
+    pads = resolve_pads(attrs["pad"], tuple(x.shape[2:]), attrs["kernel"], attrs["stride"],
+                        attrs["dilation"])
+    return tconv.conv(x, params, dict(attrs, pads=pads))
+
+
+CONV_ARGS = (
+    Arg("x", "tensor"),
+    Arg("out", "int"),
+    Arg("kernel", "spatial"),
+    Arg("stride", "spatial", 1),
+    Arg("pad", "pad", "valid"),
+    Arg("dilation", "spatial", 1),
+    Arg("groups", "int", 1),
+    Arg("connect", "table", None),
+    Arg("bias", "enum", "channel", BIAS_MODES),
+    Arg("flip", "bool", False),
+    Arg("separable", "bool", False),
+)
+
+OPS.register(OpDef(
+    "conv", "conv", CONV_ARGS, _conv_shape, _normalize_conv, _conv_params, _conv_torch,
+    parametric=True,
+    doc="multichannel convolution (eq. 9.7/9.8): cross-correlation, flip=true for true convolution",
+))
+
+
+# -- depthwise: a conv with groups = C_in (canonicalized to conv) ----------------------------
+
+def _normalize_depthwise(ctx: ShapeContext) -> dict:
+    require_spatial_input(ctx)
+    multiplier = ctx.attrs["multiplier"]
+    if multiplier < 1:
+        raise ctx.error(f"multiplier= must be >= 1, got {multiplier}", "multiplier")
+    channels = ctx.x.channels
+    conv_ctx = ShapeContext(ctx.op, ctx.inputs, dict(ctx.attrs, out=channels * multiplier,
+                                                     groups=channels, connect=None),
+                            ctx.span, ctx.arg_spans, ctx.runtime)
+    return _normalize_conv(conv_ctx)
+
+
+OPS.register(OpDef(
+    "depthwise", "conv",
+    (Arg("x", "tensor"), Arg("kernel", "spatial"), Arg("multiplier", "int", 1))
+    + tuple(a for a in CONV_ARGS if a.name in ("stride", "pad", "dilation", "bias", "flip",
+                                               "separable")),
+    _conv_shape, _normalize_depthwise, _conv_params, _conv_torch, parametric=True,
+    doc="depthwise convolution: conv with groups = input channels, out = C_in * multiplier",
+))
+
+
+# -- local: unshared convolution (eq. 9.9) ---------------------------------------------------
+
+def _normalize_local(ctx: ShapeContext) -> dict:
+    require_spatial_input(ctx)
+    a = ctx.attrs
+    if a["out"] < 1:
+        raise ctx.error(f"output channels must be >= 1, got {a['out']}", "out")
+    if a["bias"] == "tiled":
+        raise ctx.error(f"bias=tiled needs the tiled op; {ctx.op} takes none, channel or location",
+                        "bias")
+    attrs = {"out": a["out"], "kernel": expand_spatial(ctx, "kernel"),
+             "stride": expand_spatial(ctx, "stride"), "pad": normalize_pad(ctx), "bias": a["bias"]}
+    if "tiles" in a:
+        attrs["tiles"] = expand_spatial(ctx, "tiles")
+    return attrs
+
+
+def _local_shape(ctx: ShapeContext) -> list[TensorType]:
+    a, x = ctx.attrs, ctx.x
+    require_spatial_input(ctx)
+    if ctx.op == "local":
+        require_static_spatial(ctx, x.spatial, "local (one kernel per output position)")
+    sizes, _ = conv_output_sizes(ctx, a["pad"], a["kernel"], a["stride"])
+    if a["bias"] == "location":
+        require_static_spatial(ctx, sizes, "bias=location")
+    return [TensorType(x.dtype, (x.shape[0], sympy.Integer(a["out"])) + sizes)]
+
+
+def _local_params(ctx: ShapeContext, outs) -> dict:
+    a = ctx.attrs
+    sizes = tuple(int(s) for s in outs[0].spatial)
+    taps = prod(a["kernel"])
+    weight = (a["out"],) + sizes + (ctx.x.channels,) + a["kernel"]
+    params = {"weight": ParamShape(weight, ctx.x.channels * taps, a["out"] * taps)}
+    params.update(_bias_param(a["bias"], a["out"], sizes))
+    return params
+
+
+def _resolved(attrs, x):
+    return resolve_pads(attrs["pad"], tuple(x.shape[2:]), attrs["kernel"], attrs["stride"])
+
+
+def _local_torch(inputs, attrs, params):
+    x = inputs[0]
+    y = tlocal.local_conv(x, params["weight"].to(x.dtype), attrs["stride"], _resolved(attrs, x))
+    return tconv.add_bias(y, params.get("bias"), attrs["bias"])
+
+
+OPS.register(OpDef(
+    "local", "conv",
+    (Arg("x", "tensor"), Arg("out", "int"), Arg("kernel", "spatial"), Arg("stride", "spatial", 1),
+     Arg("pad", "pad", "valid"), Arg("bias", "enum", "location", BIAS_MODES)),
+    _local_shape, _normalize_local, _local_params, _local_torch, parametric=True,
+    doc="locally connected (unshared) convolution, eq. 9.9",
+))
+
+
+# -- tiled convolution (eq. 9.10) ------------------------------------------------------------
+
+def _normalize_tiled(ctx: ShapeContext) -> dict:
+    require_spatial_input(ctx)
+    a = ctx.attrs
+    if a["out"] < 1:
+        raise ctx.error(f"output channels must be >= 1, got {a['out']}", "out")
+    return {"out": a["out"], "kernel": expand_spatial(ctx, "kernel"),
+            "stride": expand_spatial(ctx, "stride"), "pad": normalize_pad(ctx),
+            "bias": a["bias"], "tiles": expand_spatial(ctx, "tiles")}
+
+
+def _tiled_params(ctx: ShapeContext, outs) -> dict:
+    a = ctx.attrs
+    taps = prod(a["kernel"])
+    weight = a["tiles"] + (a["out"], ctx.x.channels) + a["kernel"]
+    params = {"weight": ParamShape(weight, ctx.x.channels * taps, a["out"] * taps)}
+    params.update(_bias_param(a["bias"], a["out"], outs[0].spatial, a["tiles"]))
+    return params
+
+
+def _tiled_torch(inputs, attrs, params):
+    x = inputs[0]
+    y = tlocal.tiled_conv(x, params["weight"].to(x.dtype), attrs["stride"], _resolved(attrs, x))
+    return tconv.add_bias(y, params.get("bias"), attrs["bias"])
+
+
+OPS.register(OpDef(
+    "tiled", "conv",
+    (Arg("x", "tensor"), Arg("out", "int"), Arg("kernel", "spatial"), Arg("tiles", "spatial"),
+     Arg("stride", "spatial", 1), Arg("pad", "pad", "valid"),
+     Arg("bias", "enum", "tiled", BIAS_MODES)),
+    _local_shape, _normalize_tiled, _tiled_params, _tiled_torch, parametric=True,
+    doc="tiled convolution, eq. 9.10: t kernels per dim, output position p uses kernel p mod t",
+))
+
+
+# -- deconv: transpose convolution (eq. 9.12-9.14) -------------------------------------------
+
+def _normalize_deconv(ctx: ShapeContext) -> dict:
+    require_spatial_input(ctx)
+    a = ctx.attrs
+    if a["out"] < 1:
+        raise ctx.error(f"output channels must be >= 1, got {a['out']}", "out")
+    if a["bias"] == "tiled":
+        raise ctx.error("bias=tiled needs the tiled op; deconv takes none, channel or location",
+                        "bias")
+    size = a.get("size")
+    if size is not None:
+        d = ctx.spatial_rank
+        size = (size,) * d if not isinstance(size, tuple) else size
+        if len(size) != d:
+            raise ctx.error(f"size= needs {d} entries for a {d}-D input, got {len(size)}", "size")
+    return {"out": a["out"], "kernel": expand_spatial(ctx, "kernel"),
+            "stride": expand_spatial(ctx, "stride"), "pad": normalize_pad(ctx, modes=("valid", "same")),
+            "dilation": expand_spatial(ctx, "dilation"), "size": size, "bias": a["bias"]}
+
+
+def deconv_geometry(attrs, sizes):
+    """(before, after) crop and natural output size per dim of a transpose conv."""
+    pads, natural = [], []
+    for m, k, s, r in zip(sizes, attrs["kernel"], attrs["stride"], attrs["dilation"]):
+        keff = effective_kernel(k, r)
+        if attrs["pad"] == "same":
+            total = max(keff - s, 0)
+            pads.append((total // 2, total - total // 2))
+            natural.append(m * s)
+        else:
+            before, after = (0, 0) if attrs["pad"] == "valid" else attrs["pad"][len(pads)]
+            pads.append((before, after))
+            natural.append((m - 1) * s + keff - before - after)
+    return pads, natural
+
+
+def _deconv_shape(ctx: ShapeContext) -> list[TensorType]:
+    a, x = ctx.attrs, ctx.x
+    require_spatial_input(ctx)
+    _, natural = deconv_geometry(a, x.spatial)
+    out_sizes = []
+    for axis, (nat, s) in enumerate(zip(natural, a["stride"])):
+        nat = sympy.sympify(nat)
+        want = nat if a["size"] is None else sympy.sympify(a["size"][axis])
+        diff = sympy.simplify(want - nat)
+        if diff.is_Integer and not 0 <= int(diff) < s:
+            raise ctx.error(f"size= {want} is not a possible output along spatial dim {axis}: "
+                            f"with this stride and padding it must be in {nat}..{nat + s - 1}",
+                            "size")
+        known = static_value(want)
+        if known is not None and known < 1:
+            raise ctx.error(f"transpose convolution output would be {known} along spatial dim "
+                            f"{axis}; reduce pad=", "pad")
+        out_sizes.append(want)
+    if a["bias"] == "location":
+        require_static_spatial(ctx, out_sizes, "bias=location")
+    return [TensorType(x.dtype, (x.shape[0], sympy.Integer(a["out"])) + tuple(out_sizes))]
+
+
+def _deconv_params(ctx: ShapeContext, outs) -> dict:
+    a = ctx.attrs
+    taps = prod(a["kernel"])
+    weight = (ctx.x.channels, a["out"]) + a["kernel"]
+    params = {"weight": ParamShape(weight, ctx.x.channels * taps, a["out"] * taps)}
+    params.update(_bias_param(a["bias"], a["out"], outs[0].spatial))
+    return params
+
+
+def _deconv_torch(inputs, attrs, params):
+    x = inputs[0]
+    pads, natural = deconv_geometry(attrs, tuple(x.shape[2:]))
+    size = natural if attrs["size"] is None else attrs["size"]
+    return tconv.deconv(x, params, dict(attrs, pads=pads, size=tuple(size)))
+
+
+OPS.register(OpDef(
+    "deconv", "conv",
+    (Arg("x", "tensor"), Arg("out", "int"), Arg("kernel", "spatial"), Arg("stride", "spatial", 1),
+     Arg("pad", "pad", 0), Arg("size", "size", None), Arg("dilation", "spatial", 1),
+     Arg("bias", "enum", "channel", BIAS_MODES)),
+    _deconv_shape, _normalize_deconv, _deconv_params, _deconv_torch, parametric=True,
+    doc="transpose convolution (eq. 9.12-9.14); size= picks the output size when stride makes it "
+        "ambiguous",
+))
+
+
+# -- dense -----------------------------------------------------------------------------------
+
+def _normalize_dense(ctx: ShapeContext) -> dict:
+    a = ctx.attrs
+    if a["out"] < 1:
+        raise ctx.error(f"output features must be >= 1, got {a['out']}", "out")
+    if a["bias"] not in ("none", "channel"):
+        raise ctx.error("dense takes bias=none or bias=channel", "bias")
+    return {"out": a["out"], "bias": a["bias"]}
+
+
+def _dense_shape(ctx: ShapeContext) -> list[TensorType]:
+    x = ctx.x
+    if x.rank != 2:
+        raise ctx.error(f"dense needs an [N, F] input; got {x} (use flatten(x) first)")
+    if static_value(x.shape[1]) is None:
+        raise ctx.error(f"dense needs a fixed number of input features, but it is {x.shape[1]}: "
+                        f"pool to a fixed size first (e.g. maxpool(x, output=4))")
+    return [TensorType(x.dtype, (x.shape[0], sympy.Integer(ctx.attrs["out"])))]
+
+
+def _dense_params(ctx: ShapeContext, outs) -> dict:
+    features = int(ctx.x.shape[1])
+    out = ctx.attrs["out"]
+    params = {"weight": ParamShape((out, features), features, out)}
+    params.update(_bias_param(ctx.attrs["bias"], out, ()))
+    return params
+
+
+OPS.register(OpDef(
+    "dense", "conv",
+    (Arg("x", "tensor"), Arg("out", "int"), Arg("bias", "enum", "channel", BIAS_MODES)),
+    _dense_shape, _normalize_dense, _dense_params,
+    lambda inputs, attrs, params: tconv.dense(inputs[0], params, attrs),
+    parametric=True, doc="fully connected layer on [N, F]",
+))
