@@ -93,12 +93,13 @@ def to_dot(graph: Graph) -> str:
     lines = [f'digraph "{_dot_escape(graph.name)}" {{', "  rankdir=TB;",
              '  node [shape=box, fontname="monospace", fontsize=10];']
     for node in graph.nodes():
-        label = _op_name(node) if node.op != "_input" else f"input {node.attrs['name']}"
+        parts = [_op_name(node) if node.op != "_input" else f"input {node.attrs['name']}"]
         if node.layer:
-            label += f"\\n{node.layer}"
-        label += "\\n" + ", ".join(str(t) for t in node.types)
+            parts.append(node.layer)
+        parts.append(", ".join(str(t) for t in node.types))
+        label = "\\n".join(_dot_escape(p) for p in parts)
         shape = ', shape=ellipse' if node.op == "_input" else ""
-        lines.append(f'  n{node.id} [label="{_dot_escape(label)}"{shape}];')
+        lines.append(f'  n{node.id} [label="{label}"{shape}];')
     for node in graph.nodes():
         for index, ref in enumerate(node.inputs):
             lines.append(f"  n{ref.node} -> n{node.id};")
