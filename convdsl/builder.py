@@ -9,6 +9,7 @@ mean what they would have meant at the call site.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -200,7 +201,8 @@ class NetBuilder:
         if isinstance(value, list):
             if len(targets) != len(value):
                 raise ConvDSLError(f"this gives {_plural(len(value), 'result')} but "
-                                   f"{_plural(len(targets), 'name')} receive them", stmt.span)
+                                   f"{_plural(len(targets), 'name')} "
+                                   f"receive{'s' if len(targets) == 1 else ''} them", stmt.span)
             for target, item in zip(targets, value):
                 self._bind_target(scope, target, item)
         else:
@@ -372,7 +374,7 @@ class NetBuilder:
         if isinstance(value, bool):
             return "true" if value else "false"
         if isinstance(value, str):
-            return f'the string "{value}"'
+            return f"the string {json.dumps(value)}"
         return repr(value)
 
     # -- constants ---------------------------------------------------------------------------
@@ -488,6 +490,8 @@ class NetBuilder:
     def _convert(self, expr: ast.Expr, arg, scope: Scope, opname: str):
         kind = arg.kind
         what = f"{opname}'s {arg.name}="
+        if kind == "layer" and isinstance(expr, ast.Name):
+            return (expr.text, expr.span)  # a layer name, even where a tensor has that name
         value = self._const(expr, scope)
         if kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
@@ -630,7 +634,7 @@ class NetBuilder:
         ctx = self._last_ctx
         if opts.get("name") is not None:
             if not LAYER_NAME.match(opts["name"]):
-                raise ConvDSLError(f'name="{opts["name"]}" is not a layer name: use identifiers '
+                raise ConvDSLError(f'name={json.dumps(opts["name"])} is not a layer name: use identifiers '
                                    f"joined by '.', like \"enc1\" or \"enc.conv\"", spans["name"])
             local = opts["name"]
         else:

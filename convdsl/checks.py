@@ -17,7 +17,8 @@ def _shape_text(shape) -> str:
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
 
-def bind_inputs(graph: Graph, inputs: tuple, device: torch.device | None) -> dict[str, int]:
+def bind_inputs(graph: Graph, inputs: tuple, device: torch.device | None,
+                allow_float64: bool = False) -> dict[str, int]:
     """Check each input's type, rank, dtype, device and dims; return the size symbols' values."""
     names = [graph.node(i).attrs["name"] for i in graph.inputs]
     if len(inputs) != len(names):
@@ -38,6 +39,8 @@ def bind_inputs(graph: Graph, inputs: tuple, device: torch.device | None) -> dic
                                     f"but got a tensor of shape {_shape_text(value.shape)} "
                                     f"(rank {value.dim()})", span)
         want = TORCH_DTYPES[declared.dtype]
+        if allow_float64 and value.dtype == torch.float64:
+            want = torch.float64  # the module was converted with net.double()
         if value.dtype != want:
             got = DTYPE_NAMES.get(value.dtype, str(value.dtype).replace("torch.", ""))
             raise ConvDSLInputError(f"input '{name}' is declared {declared.dtype} but got {got}; "
@@ -73,7 +76,9 @@ def check_layers(graph: Graph, env: dict[str, int]) -> dict[int, dict]:
     A layer that the bound sizes make invalid (an input too small for a kernel,
     a size= out of range) raises an error at that layer's source line."""
     sym_env = {symbol(k): v for k, v in env.items()}
-    bound = ", ".join(f"{k}={v}" for k, v in sorted(env.items()))
+    bound = ", ".join(f"{k}={v}" + (f" (input '{graph.symbols[k][0]}' dim {graph.symbols[k][1]})"
+                                    if k in graph.symbols else "")
+                      for k, v in sorted(env.items()))
     concrete_types: dict = {}
     attrs_by_node: dict[int, dict] = {}
     for node in graph.nodes():

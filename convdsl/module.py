@@ -52,6 +52,7 @@ class CompiledNet(nn.Module):
         self.warnings = list(warnings)
         self.source_name = source_name
         self._plans: dict[tuple, dict] = {}
+        self._float64 = False  # set by net.double(): f32 inputs may then come as float64
         self._kmeans_pending = {p.layer for p in optimized.params.values() if p.init[0] == "kmeans"}
         for decl in optimized.params.values():
             value = nn.Parameter(initialize(decl), requires_grad=decl.trainable)
@@ -117,7 +118,7 @@ class CompiledNet(nn.Module):
     def _execute(self, inputs: tuple, stop_before: int | None = None):
         """Run the graph; with `stop_before`, return that node's operands instead."""
         graph = self._graph
-        env = bind_inputs(graph, inputs, self._device())
+        env = bind_inputs(graph, inputs, self._device(), allow_float64=self._float64)
         attrs_by_node = self._plan(env)
         values: dict = {}
         for node_id, value in zip(graph.inputs, inputs):
@@ -137,6 +138,15 @@ class CompiledNet(nn.Module):
                 values[(node.id, 0)] = result
         outputs = tuple(values[(r.node, r.index)] for r in graph.outputs)
         return outputs[0] if len(outputs) == 1 else outputs
+
+    def _apply(self, fn, *args, **kwargs):
+        # Track `net.double()` / `net.float()` so the input checks follow the
+        # module's dtype the way a PyTorch user expects.
+        result = super()._apply(fn, *args, **kwargs)
+        probe = fn(torch.zeros(1))
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self._float64 = probe.dtype == torch.float64
+        return result
 
     def __getstate__(self):
         state = dict(self.__dict__)
