@@ -1,5 +1,6 @@
-"""Canonical forms: depthwise is a conv with groups=C; pad=valid/same/full
-becomes numbers where the input sizes are known."""
+"""Canonical forms: depthwise is a conv with groups=C; pad=valid/full become
+numbers, and pad=same too where the input sizes are known (with symbolic
+sizes its amount depends on the size, so it stays a word until run time)."""
 from __future__ import annotations
 
 from ..ir.types import static_value
@@ -20,8 +21,8 @@ def canonicalize(graph) -> bool:
         pad = node.attrs.get("pad")
         if window and isinstance(pad, str):
             sizes = graph.type_of(node.inputs[0]).spatial
-            if all(static_value(s) is not None for s in sizes):
-                pads = resolve_pads(pad, tuple(int(s) for s in sizes), node.attrs[window],
+            if pad != "same" or all(static_value(s) is not None for s in sizes):
+                pads = resolve_pads(pad, sizes, node.attrs[window],
                                     node.attrs["stride"], node.attrs.get("dilation"))
                 node.attrs["pad"] = tuple((int(b), int(a)) for b, a in pads)
                 changed = True

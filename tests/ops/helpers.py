@@ -30,7 +30,7 @@ def compile_net(source: str):
 
 def one_layer(stmt: str, inputs: str, *, tables: str = "", out: str = "y") -> str:
     """Source of a net with the given input declaration and one statement."""
-    return f"{tables}\nnet T({inputs}) {{\n    {stmt}\n    return {out}\n}}\n"
+    return f"{tables}\nnet Net({inputs}) {{\n    {stmt}\n    return {out}\n}}\n"
 
 
 def gen(seed: int) -> torch.Generator:
