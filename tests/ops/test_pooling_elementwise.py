@@ -860,7 +860,12 @@ def pool_configs(draw):
     else:
         pad = pad_style
     max_size = {1: 9, 2: 6, 3: 4}[d]
-    sizes = tuple(draw(st.integers(k, max_size)) for k in window)  # the window fits unpadded
+    if pad == "same":  # `same` pads enough for any size
+        sizes = tuple(draw(st.integers(1, max_size)) for _ in window)
+    else:  # the window must fit the padded input
+        pairs = resolve_pad(pad, (1,) * d, window, stride)
+        sizes = tuple(draw(st.integers(max(1, k - b - a), max_size)) for k, (b, a) in zip(window, pairs))
+    symbolic = draw(st.booleans())  # declare the spatial dims as size symbols
     extra, kw = "", {}
     if kind == "lppool":
         p = draw(st.sampled_from([1.0, 1.5, 2.0, 3.0]))
@@ -868,7 +873,7 @@ def pool_configs(draw):
     elif kind == "wavgpool":
         sigma = draw(st.sampled_from([0.5, 1.0, 2.0]))
         extra, kw = f"sigma={sigma}", {"sigma": sigma}
-    return kind, sizes, window, stride, pad, extra, kw
+    return kind, sizes, window, stride, pad, extra, kw, symbolic
 
 
 @st.composite
@@ -878,35 +883,33 @@ def adaptive_configs(draw):
     max_size = {1: 9, 2: 6, 3: 4}[d]
     sizes = tuple(draw(st.integers(1, max_size)) for _ in range(d))
     output = tuple(draw(st.integers(1, max_size)) for _ in range(d))
-    return kind, sizes, output
+    symbolic = draw(st.booleans())
+    return kind, sizes, output, symbolic
 
 
 _PROPERTY = settings(max_examples=40, deadline=None, derandomize=True,
                      suppress_health_check=[HealthCheck.too_slow])
 
 
+def _declared(sizes, symbolic):
+    return ["S0", "S1", "S2"][: len(sizes)] if symbolic else sizes
+
+
 @_PROPERTY
 @given(pool_configs())
 def test_property_windowed_pooling_matches_loop(config):
-    kind, sizes, window, stride, pad, extra, kw = config
+    kind, sizes, window, stride, pad, extra, kw, symbolic = config
     expr = pool_expr(kind, window, stride, pad, extra=extra)
-    net = compile_net(one_input_net(expr, 2, sizes))
-    x = distinct(1, 2, *sizes)
+    net = compile_net(one_input_net(expr, 2, _declared(sizes, symbolic)))
     cells = window_cells(sizes, window, stride, pad)
-    out = net(x)
-    want = ref_pool(x.to(F64), kind, cells, **kw)
-    assert out.shape == want.shape, expr
-    torch.testing.assert_close(out.to(F64), want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{expr}: {m}")
+    check_forward_backward(net, lambda x: ref_pool(x, kind, cells, **kw), distinct(1, 2, *sizes))
 
 
 @_PROPERTY
 @given(adaptive_configs())
 def test_property_adaptive_pooling_matches_loop(config):
-    kind, sizes, output = config
+    kind, sizes, output, symbolic = config
     expr = pool_expr(kind, output=output)
-    net = compile_net(one_input_net(expr, 2, sizes))
-    x = distinct(1, 2, *sizes)
-    out = net(x)
-    want = ref_pool(x.to(F64), kind, adaptive_cells(sizes, output))
-    assert out.shape == want.shape, expr
-    torch.testing.assert_close(out.to(F64), want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{expr}: {m}")
+    net = compile_net(one_input_net(expr, 2, _declared(sizes, symbolic)))
+    cells = adaptive_cells(sizes, output)
+    check_forward_backward(net, lambda x: ref_pool(x, kind, cells), distinct(1, 2, *sizes))
