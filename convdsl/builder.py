@@ -77,6 +77,7 @@ class Scope:
     names: dict[str, Binding] = field(default_factory=dict)
     ssa_counts: dict[str, int] = field(default_factory=dict)
     stack: tuple[str, ...] = ()  # block calls in progress, for recursion errors
+    shared_root: str | None = None  # the innermost enclosing shared block, if any
     all_bindings: list[Binding] = field(default_factory=list)
 
     def bind(self, name: str, value, span: Span, kind: str = "binding") -> Binding:
@@ -642,8 +643,9 @@ class NetBuilder:
         layer = scope.prefix + local
         node.layer = layer
         shapes = op.params(ctx, node.types)
-        shared_key = (scope.block.name, id(call)) if scope.block is not None and scope.block.shared \
-            else None
+        # Every call of a shared block (and of plain blocks inside it) gives its
+        # layers the same names; within one shared block a name is one layer.
+        shared_key = scope.shared_root
 
         existing = self.layers.get(layer)
         if existing is not None:
@@ -752,8 +754,10 @@ class NetBuilder:
             prefix = f"{block.name}."
         else:
             prefix = scope.prefix + naming.get(id(call), block.name) + "."
-        inner = Scope(prefix=prefix, block=block, stack=scope.stack + (block.name,))
-        empty = Scope(prefix=prefix, block=block, stack=inner.stack)
+        root = block.name if block.shared else scope.shared_root
+        inner = Scope(prefix=prefix, block=block, stack=scope.stack + (block.name,),
+                      shared_root=root)
+        empty = Scope(prefix=prefix, block=block, stack=inner.stack, shared_root=root)
         for param in block.params:
             expr = bound.get(param.name)
             if expr is None:

@@ -288,35 +288,50 @@ def _normalize_deconv(ctx: ShapeContext) -> dict:
             "dilation": expand_spatial(ctx, "dilation"), "size": size, "bias": a["bias"]}
 
 
-def deconv_geometry(attrs, sizes):
-    """(before, after) crop and natural output size per dim of a transpose conv."""
-    pads, natural = [], []
-    for m, k, s, r in zip(sizes, attrs["kernel"], attrs["stride"], attrs["dilation"]):
+def deconv_ranges(attrs, sizes):
+    """Per dim: (natural output size, smallest and largest size= allowed).
+
+    Explicit pads: natural (m−1)·s + k' − before − after, and size= may add up
+    to s−1 (the rows a stride leaves ambiguous). `same` follows TensorFlow's
+    transpose rule: natural m·s, and any size whose `same` conv gives m back,
+    i.e. (m−1)·s+1 .. m·s."""
+    ranges = []
+    for axis, (m, k, s, r) in enumerate(zip(sizes, attrs["kernel"], attrs["stride"],
+                                            attrs["dilation"])):
         keff = effective_kernel(k, r)
         if attrs["pad"] == "same":
-            total = max(keff - s, 0)
-            pads.append((total // 2, total - total // 2))
-            natural.append(m * s)
+            ranges.append((m * s, (m - 1) * s + 1, m * s))
         else:
-            before, after = (0, 0) if attrs["pad"] == "valid" else attrs["pad"][len(pads)]
-            pads.append((before, after))
-            natural.append((m - 1) * s + keff - before - after)
-    return pads, natural
+            before, after = (0, 0) if attrs["pad"] == "valid" else attrs["pad"][axis]
+            natural = (m - 1) * s + keff - before - after
+            ranges.append((natural, natural, natural + s - 1))
+    return ranges
+
+
+def deconv_crops(attrs, sizes, out_sizes):
+    """Where each output dim starts inside the full transposed convolution."""
+    starts = []
+    for axis, (m, k, s, r, out) in enumerate(zip(sizes, attrs["kernel"], attrs["stride"],
+                                                 attrs["dilation"], out_sizes)):
+        if attrs["pad"] == "same":
+            total = max((m - 1) * s + effective_kernel(k, r) - out, 0)
+            starts.append(total // 2)
+        else:
+            starts.append(0 if attrs["pad"] == "valid" else attrs["pad"][axis][0])
+    return starts
 
 
 def _deconv_shape(ctx: ShapeContext) -> list[TensorType]:
     a, x = ctx.attrs, ctx.x
     require_spatial_input(ctx)
-    _, natural = deconv_geometry(a, x.spatial)
     out_sizes = []
-    for axis, (nat, s) in enumerate(zip(natural, a["stride"])):
-        nat = sympy.sympify(nat)
-        want = nat if a["size"] is None else sympy.sympify(a["size"][axis])
-        diff = sympy.simplify(want - nat)
-        if diff.is_Integer and not 0 <= int(diff) < s:
+    for axis, (natural, low, high) in enumerate(deconv_ranges(a, x.spatial)):
+        natural, low, high = (sympy.sympify(v) for v in (natural, low, high))
+        want = natural if a["size"] is None else sympy.sympify(a["size"][axis])
+        below, above = sympy.simplify(want - low), sympy.simplify(high - want)
+        if (below.is_Integer and below < 0) or (above.is_Integer and above < 0):
             raise ctx.error(f"size= {want} is not a possible output along spatial dim {axis}: "
-                            f"with this stride and padding it must be in {nat}..{nat + s - 1}",
-                            "size")
+                            f"with this stride and padding it must be in {low}..{high}", "size")
         known = static_value(want)
         if known is not None and known < 1:
             raise ctx.error(f"transpose convolution output would be {known} along spatial dim "
@@ -338,9 +353,10 @@ def _deconv_params(ctx: ShapeContext, outs) -> dict:
 
 def _deconv_torch(inputs, attrs, params):
     x = inputs[0]
-    pads, natural = deconv_geometry(attrs, tuple(x.shape[2:]))
-    size = natural if attrs["size"] is None else attrs["size"]
-    return tconv.deconv(x, params, dict(attrs, pads=pads, size=tuple(size)))
+    sizes = tuple(x.shape[2:])
+    size = attrs["size"] or tuple(nat for nat, _, _ in deconv_ranges(attrs, sizes))
+    starts = deconv_crops(attrs, sizes, size)
+    return tconv.deconv(x, params, dict(attrs, starts=starts, size=tuple(size)))
 
 
 OPS.register(OpDef(

@@ -92,7 +92,7 @@ def deconv(x: Tensor, params: dict, attrs: dict) -> Tensor:
     rank = x.dim() - 2
     weight = params["weight"].to(x.dtype)
     full = _CONV_T[rank](x, weight, None, attrs["stride"], 0, 0, 1, attrs["dilation"])
-    for axis, ((before, _after), size) in enumerate(zip(attrs["pads"], attrs["size"])):
+    for axis, (before, size) in enumerate(zip(attrs["starts"], attrs["size"])):
         dim = axis + 2
         have = full.shape[dim] - before
         if have < size:  # positions past the last kernel tap receive only the bias

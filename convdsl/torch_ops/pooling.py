@@ -12,8 +12,9 @@ Windows run over the zero-padded input but padding never counts:
 
 The avg/lp/wavg weights factor over spatial dims (a Gaussian of a squared
 Euclidean distance is a product of per-dim Gaussians, and the set of real
-inputs in a window is a box), so those kinds are computed exactly by one
-``[o, m]`` matrix per dim; normalising each matrix row normalises the product.
+inputs in a window is a box), so those kinds are computed exactly one dim at a
+time, each output gathering only its own window; normalising each dim's
+weights normalises the product.
 """
 
 from __future__ import annotations
@@ -51,15 +52,17 @@ def _check_params(kind: str, p: float, sigma: float) -> None:
         raise ValueError(f"wavg pooling needs sigma > 0, got {sigma}")
 
 
-def _window_matrix(kind: str, starts: Tensor, lengths: Tensor, size: int, sigma: float) -> Tensor:
-    """Per-dim pooling matrix ``[o, size]`` (float64).
+def _window_weights(kind: str, starts: Tensor, lengths: Tensor, size: int, sigma: float):
+    """Per-dim windows as gather indices ``[o, L]`` and weights ``[o, L]``.
 
-    Row ``r`` covers input indices ``[starts[r], starts[r] + lengths[r])``; only
-    indices inside ``[0, size)`` get weight, so padding never contributes.
-    "lp" rows are 0/1 masks; "avg"/"wavg" rows are normalised to sum to 1.
+    Row ``r`` covers input indices ``[starts[r], starts[r] + lengths[r])``;
+    positions outside ``[0, size)`` (padding) get weight 0 and are masked out.
+    "lp" weights are 1; "avg"/"wavg" rows are normalised to sum to 1.
     """
-    offset = torch.arange(size, dtype=torch.float64, device=starts.device)[None, :] - starts[:, None]
-    inside = (offset >= 0) & (offset < lengths[:, None])
+    longest = int(lengths.max().item())
+    offset = torch.arange(longest, dtype=torch.float64, device=starts.device)[None, :]
+    index = starts[:, None] + offset
+    inside = (offset < lengths[:, None]) & (index >= 0) & (index < size)
     if kind == "wavg":
         centre = (lengths[:, None] - 1) / 2
         log_w = -((offset - centre) ** 2) / (2.0 * sigma**2)
@@ -71,21 +74,39 @@ def _window_matrix(kind: str, starts: Tensor, lengths: Tensor, size: int, sigma:
         weights = inside.to(torch.float64)
     if kind != "lp":
         weights = weights / weights.sum(dim=1, keepdim=True)
-    return weights
+    return index.clamp(0, size - 1).long(), weights, inside
 
 
-def _apply_per_dim(x: Tensor, matrices: Sequence[Tensor]) -> Tensor:
-    """Contract spatial dim ``i`` of ``x`` with ``matrices[i]`` (``[o_i, m_i]``)."""
-    for i, mat in enumerate(matrices):
-        mat = mat.to(dtype=x.dtype, device=x.device)
-        x = (x.movedim(2 + i, -1) @ mat.T).movedim(-1, 2 + i)
+def _apply_per_dim(x: Tensor, windows) -> Tensor:
+    """Weighted window sums, one spatial dim at a time (the weights factor).
+
+    Each output reads only its own window's inputs (a gather, not a dense
+    matrix), and masked positions are dropped with `where`, so an inf or NaN
+    input reaches only the outputs whose windows hold it — and so does its
+    gradient."""
+    for i, (index, weights, inside) in enumerate(windows):
+        moved = x.movedim(2 + i, -1)  # [..., m]
+        o, length = index.shape
+        gathered = moved[..., index.reshape(-1).to(x.device)].reshape(moved.shape[:-1] + (o, length))
+        weights = weights.to(dtype=x.dtype, device=x.device)
+        inside = inside.to(x.device)
+        terms = torch.where(inside, gathered * weights, torch.zeros((), dtype=x.dtype,
+                                                                    device=x.device))
+        x = terms.sum(dim=-1).movedim(-1, 2 + i)
     return x
 
 
-def _reduce_with_matrices(x: Tensor, kind: str, matrices: Sequence[Tensor], p: float) -> Tensor:
-    if kind == "lp":
-        return _apply_per_dim(x.abs().pow(p), matrices).pow(1.0 / p)
-    return _apply_per_dim(x, matrices)
+def _reduce_with_matrices(x: Tensor, kind: str, windows, p: float) -> Tensor:
+    if kind != "lp":
+        return _apply_per_dim(x, windows)
+    total = _apply_per_dim(x.abs().pow(p), windows)
+    # (Σ|x|^p)^(1/p) has an infinite slope at 0: take the root only where the
+    # sum is positive, so an all-zero window has value 0 and gradient 0 (as
+    # F.lp_pool2d), instead of NaN.
+    positive = total != 0  # NaN stays NaN, as in F.lp_pool2d
+    safe = torch.where(positive, total, torch.ones((), dtype=total.dtype, device=total.device))
+    return torch.where(positive, safe.pow(1.0 / p), torch.zeros((), dtype=total.dtype,
+                                                                  device=total.device))
 
 
 def pool(
@@ -128,7 +149,7 @@ def pool(
         o = output_size(m, window[i], stride[i], before, after)
         starts = torch.arange(o, dtype=torch.float64, device=x.device) * stride[i] - before
         lengths = torch.full((o,), float(window[i]), dtype=torch.float64, device=x.device)
-        matrices.append(_window_matrix(kind, starts, lengths, m, sigma))
+        matrices.append(_window_weights(kind, starts, lengths, m, sigma))
     return _reduce_with_matrices(x, kind, matrices, p)
 
 
@@ -175,7 +196,7 @@ def adaptive_pool(x: Tensor, kind: str, output: Sequence[int], p: float = 2.0, s
         cells = torch.arange(a, device=x.device)
         starts = torch.div(cells * m, a, rounding_mode="floor")
         ends = -torch.div(-(cells + 1) * m, a, rounding_mode="floor")  # ceil division
-        matrices.append(_window_matrix(kind, starts.double(), (ends - starts).double(), m, sigma))
+        matrices.append(_window_weights(kind, starts.double(), (ends - starts).double(), m, sigma))
     return _reduce_with_matrices(x, kind, matrices, p)
 
 

@@ -12,6 +12,7 @@ import itertools
 import math
 from typing import Callable, Sequence
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -22,10 +23,20 @@ CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """These shapes are tiny: intra-op threads only add latency (badly so on a
+    busy 2-core machine), so run each test module single-threaded and restore."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # -- building and parameterizing nets -------------------------------------------------------
 
-def compile_net(source: str):
-    return convdsl.compile(source, backend="torch")
+def compile_net(source: str, optimize: bool = True):
+    return convdsl.compile(source, backend="torch", optimize=optimize)
 
 
 def one_layer(stmt: str, inputs: str, *, tables: str = "", out: str = "y") -> str:

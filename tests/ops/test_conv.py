@@ -34,6 +34,7 @@ from .helpers import (
     randomize,
     ref_conv,
     shape_dict,
+    single_thread,  # noqa: F401  (autouse fixture)
     tf_same_pads,
     true_convolution_full,
 )
@@ -116,11 +117,12 @@ CONV_CASES = [
 ]
 
 
+@pytest.mark.parametrize("optimize", [True, False], ids=["opt", "noopt"])
 @pytest.mark.parametrize("rank,c,spatial,out,kernel,stride,pad,dilation,groups", CONV_CASES)
-def test_conv_matches_torch(rank, c, spatial, out, kernel, stride, pad, dilation, groups):
+def test_conv_matches_torch(rank, c, spatial, out, kernel, stride, pad, dilation, groups, optimize):
     stmt = (f"y = conv(x, {out}, kernel={fmt(kernel)}, stride={fmt(stride)}, pad={fmt(pad)}, "
             f"dilation={fmt(dilation)}, groups={groups})")
-    net = compile_net(one_layer(stmt, decl(2, c, spatial)))
+    net = compile_net(one_layer(stmt, decl(2, c, spatial)), optimize=optimize)
     k = per_dim(kernel, rank)
     assert shape_dict(net) == {"y.weight": (out, c // groups) + k, "y.bias": (out,)}
     assert net.parameter_count() == out * (c // groups) * math.prod(k) + out
@@ -179,10 +181,11 @@ def test_same_padding_2d_stride2_odd_even(spatial):
     (2, 4, (6, 6), (3, 2), 1, 1, 1),
     (3, 2, (4, 5, 4), 2, 2, 1, "full"),
 ])
-def test_depthwise_with_multiplier(rank, c, spatial, kernel, mult, stride, pad):
+@pytest.mark.parametrize("optimize", [True, False], ids=["opt", "noopt"])
+def test_depthwise_with_multiplier(rank, c, spatial, kernel, mult, stride, pad, optimize):
     net = compile_net(one_layer(
         f"y = depthwise(x, {fmt(kernel)}, multiplier={mult}, stride={fmt(stride)}, pad={fmt(pad)})",
-        decl(2, c, spatial)))
+        decl(2, c, spatial)), optimize=optimize)
     k = per_dim(kernel, rank)
     assert shape_dict(net) == {"y.weight": (c * mult, 1) + k, "y.bias": (c * mult,)}
     randomize(net, seed=5)
@@ -190,6 +193,18 @@ def test_depthwise_with_multiplier(rank, c, spatial, kernel, mult, stride, pad):
     check_against(net, [rand(2, c, *spatial, seed=6)],
                   lambda x, p: ref_conv(x, p["y.weight"], p["y.bias"], stride=per_dim(stride, rank),
                                         pads=pads, groups=c))
+
+
+def test_depthwise_separable_location_bias():
+    net = compile_net(one_layer("y = depthwise(x, (3, 2), multiplier=2, separable=true, "
+                                "bias=location, stride=2, pad=same)", decl(2, 3, (7, 6))))
+    assert shape_dict(net) == {"y.weight_0": (6, 1, 3), "y.weight_1": (6, 1, 2),
+                               "y.bias": (6, 4, 3)}
+    randomize(net, seed=37)
+    pads = [tf_same_pads(7, 3, 2), tf_same_pads(6, 2, 2)]
+    check_against(net, [rand(2, 3, 7, 6, seed=38)], lambda x, p: ref_conv(
+        x, outer_kernel([p["y.weight_0"], p["y.weight_1"]]), p["y.bias"], stride=2, pads=pads,
+        groups=3, bias="location"))
 
 
 def test_depthwise_channel_order():
@@ -353,6 +368,23 @@ def test_flip_is_true_convolution(rank, c, spatial, kernel):
         check_against(net, [rand(2, c, *spatial, seed=18)], ref)
 
 
+def test_flip_with_table_and_separable():
+    """flip applies to the kernel a table or a separable factorization makes."""
+    net = compile_net(table_src("y = conv(x, 4, kernel=(2, 3), connect=T, flip=true, pad=full)",
+                                decl(1, 3, (3, 3))))
+    randomize(net, seed=39)
+    mask = torch.zeros(4, 3, 1, 1, dtype=torch.float64)
+    for o, row in enumerate(TABLE):
+        mask[o, row] = 1.0
+    check_against(net, [rand(1, 3, 3, 3, seed=40)], lambda x, p: true_convolution_full(
+        x, p["y.weight"] * mask) + p["y.bias"].view(1, -1, 1, 1))
+    net = compile_net(one_layer("y = conv(x, 2, kernel=(2, 3), separable=true, flip=true, pad=full)",
+                                decl(1, 2, (3, 2))))
+    randomize(net, seed=41)
+    check_against(net, [rand(1, 2, 3, 2, seed=42)], lambda x, p: true_convolution_full(
+        x, outer_kernel([p["y.weight_0"], p["y.weight_1"]])) + p["y.bias"].view(1, -1, 1, 1))
+
+
 def test_flip_differs_from_correlation_and_strided():
     """An asymmetric kernel: flip matters; with stride and same padding, flip
     is correlation with the reversed kernel."""
@@ -475,6 +507,22 @@ def test_symbolic_input_two_sizes_3d_valid_dilated():
         x = rand(*shape, seed=sum(shape))
         check_against(net, [x], lambda x, p: ref_conv(x, p["y.weight"], p["y.bias"], dilation=2,
                                                        groups=2))
+
+
+SYMBOLIC_PADS = ["valid", "full", "same", 1, (2, 0), ((1, 0), (2, 1))]
+
+
+@pytest.mark.parametrize("pad", SYMBOLIC_PADS, ids=str)
+@pytest.mark.parametrize("optimize", [True, False], ids=["opt", "noopt"])
+def test_symbolic_sizes_every_pad_form(pad, optimize):
+    """The same compiled net at two input sizes, for every form of pad=."""
+    net = compile_net(one_layer(f"y = conv(x, 2, kernel=(3, 2), stride=(2, 1), dilation=(1, 2), "
+                                f"pad={fmt(pad)})", "x: f32[N, 2, H, W]"), optimize=optimize)
+    randomize(net, seed=43)
+    for n, h, w in ((1, 6, 5), (2, 9, 8)):
+        pads = expected_pads(pad, (h, w), (3, 2), (2, 1), (1, 2))
+        check_against(net, [rand(n, 2, h, w, seed=h)], lambda x, p: ref_conv(
+            x, p["y.weight"], p["y.bias"], stride=(2, 1), pads=pads, dilation=(1, 2)))
 
 
 # -- property test --------------------------------------------------------------------------
