@@ -37,11 +37,20 @@ def _parser() -> argparse.ArgumentParser:
     ir.add_argument("--stage", default="optimized", choices=("parsed", "optimized"))
     ir.add_argument("--format", default="text", choices=("text", "dot", "json"))
 
+    comp = sub.add_parser("compile", help="write the generated kernels and IR; with --target, "
+                                          "compile them ahead of time and report resources")
+    comp.add_argument("file")
+    comp.add_argument("--net")
+    comp.add_argument("-o", "--output", default="convdsl-out", help="output directory")
+    comp.add_argument("--target", help="GPU architecture, e.g. sm_80 or sm_90 (no GPU needed)")
+    comp.add_argument("--shape", default="", help="sizes for the cost model, e.g. N=8,H=32,W=32 "
+                                                  "(unset symbols: 32)")
+
     run = sub.add_parser("run", help="run a net on random input")
     run.add_argument("file")
     run.add_argument("--net")
     run.add_argument("--shape", default="", help="size symbols, e.g. N=8,H=32,W=32")
-    run.add_argument("--backend", default="auto", choices=("auto", "torch"))
+    run.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
     run.add_argument("--repeat", type=int, default=3, help="timed runs (default 3)")
     run.add_argument("--seed", type=int, default=0)
     return p
@@ -150,7 +159,41 @@ def cmd_run(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"check": cmd_check, "ir": cmd_ir, "run": cmd_run}
+def cmd_compile(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .triton.aot import compile_program, parse_target, report_json
+
+    if args.target is not None:
+        try:
+            parse_target(args.target)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    sizes = _parse_shape(args.shape)
+    net = _compile_quiet(args.file, net=args.net, backend="triton")
+    outdir = Path(args.output)
+    outdir.mkdir(parents=True, exist_ok=True)
+    for stage in ("parsed", "optimized"):
+        (outdir / f"ir.{stage}.txt").write_text(net.ir(stage))
+    for name, source in net.kernels.items():
+        (outdir / f"{name}.py").write_text(source)
+    print(f"net {net.name}: {len(net.kernels)} kernels written to {outdir}/")
+    if args.target is None:
+        return EXIT_OK
+    env = {s: sizes.get(s, 32) for s in net._graph.symbols}
+    reports = compile_program(net._program, args.target, outdir, env)
+    doc = report_json(args.target, reports, env)
+    (outdir / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"{'kernel':40} {'dir':8} {'regs':>5} {'spills':>6} {'smem':>7} {'MFLOP':>9} {'MB':>8}")
+    for r in reports:
+        print(f"{r.name:40} {r.direction:8} {r.registers!s:>5} {r.spills!s:>6} "
+              f"{r.shared_bytes:>7} {r.flops / 1e6:>9.3f} {r.bytes / 1e6:>8.3f}")
+    print(f"report: {outdir / 'report.json'}")
+    return EXIT_OK
+
+
+COMMANDS = {"check": cmd_check, "ir": cmd_ir, "compile": cmd_compile, "run": cmd_run}
 
 
 def main(argv=None) -> int:

@@ -10,13 +10,16 @@ from .module import CompiledNet
 from .parser import parse, read_source
 from .passes import run_pipeline, verify
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "triton", "torch")
 
 
 def choose_backend(backend: str) -> str:
+    """`auto` means generated Triton kernels where CUDA is available, else PyTorch ops."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
-    return "torch"
+    if backend == "auto":
+        return "triton" if torch.cuda.is_available() else "torch"
+    return backend
 
 
 def compile(source: str | Path, *, net: str | None = None, backend: str = "auto",

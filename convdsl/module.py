@@ -6,7 +6,7 @@ from torch import nn
 
 from .checks import bind_inputs, check_layers
 from .errors import ConvDSLError, ConvDSLInputError
-from .ir import Graph
+from .ir import Graph, ValueRef
 from .ir.printer import FORMATS
 from .ops import OPS
 from .ops.inits import initialize
@@ -58,6 +58,11 @@ class CompiledNet(nn.Module):
             value = nn.Parameter(initialize(decl), requires_grad=decl.trainable)
             _install(self, decl.name, value)
         self.register_load_state_dict_post_hook(_loaded)
+        self._program = None
+        if backend == "triton":
+            from .triton.runtime import TritonProgram
+
+            self._program = TritonProgram(optimized)
 
     # -- inspection ----------------------------------------------------------------------
     @property
@@ -74,8 +79,8 @@ class CompiledNet(nn.Module):
 
     @property
     def kernels(self) -> dict[str, str]:
-        """Generated kernel sources by name; the torch backend generates none."""
-        return {}
+        """Generated Triton kernel sources by name (empty on the torch backend)."""
+        return self._program.sources if self._program is not None else {}
 
     def parameter_count(self, trainable_only: bool = False) -> int:
         """Real parameters (a connection table's absent connections excluded)."""
@@ -120,6 +125,11 @@ class CompiledNet(nn.Module):
         graph = self._graph
         env = bind_inputs(graph, inputs, self._device(), allow_float64=self._float64)
         attrs_by_node = self._plan(env)
+        if self._program is not None and stop_before is None:
+            found = self._program.run({ValueRef(n, 0): v for n, v in zip(graph.inputs, inputs)},
+                                      attrs_by_node, lambda name: _lookup(self, name))
+            outputs = tuple(found[r] for r in graph.outputs)
+            return outputs[0] if len(outputs) == 1 else outputs
         values: dict = {}
         for node_id, value in zip(graph.inputs, inputs):
             values[(node_id, 0)] = value

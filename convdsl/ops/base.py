@@ -103,6 +103,11 @@ class OpDef:
     parametric: bool = False
     results: Callable[[dict], int] = lambda attrs: 1
     doc: str = ""
+    # The Triton kernel family that lowers it: a name, or (attrs, operand types) → name.
+    triton: str | Callable[[dict, list], str] | None = None
+
+    def triton_family(self, attrs: dict, inputs: list[TensorType]) -> str | None:
+        return self.triton(attrs, inputs) if callable(self.triton) else self.triton
 
     @property
     def signature(self) -> tuple[Arg, ...]:

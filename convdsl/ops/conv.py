@@ -142,9 +142,20 @@ CONV_ARGS = (
     Arg("separable", "bool", False),
 )
 
+def conv_family(attrs: dict, inputs) -> str:
+    """Which kernel computes a conv: fused 1-D passes for separable kernels, a
+    direct kernel when every group reads one channel (depthwise; a width-1
+    tl.dot would waste the tensor cores), else implicit GEMM."""
+    if attrs["separable"]:
+        return "separable"
+    if attrs["table"] is None and attrs["groups"] > 1 and attrs["groups"] == inputs[0].channels:
+        return "depthwise"
+    return "conv"
+
+
 OPS.register(OpDef(
     "conv", "conv", CONV_ARGS, _conv_shape, _normalize_conv, _conv_params, _conv_torch,
-    parametric=True,
+    parametric=True, triton=conv_family,
     doc="multichannel convolution (eq. 9.7/9.8): cross-correlation, flip=true for true convolution",
 ))
 
@@ -169,6 +180,7 @@ OPS.register(OpDef(
     + tuple(a for a in CONV_ARGS if a.name in ("stride", "pad", "dilation", "bias", "flip",
                                                "separable")),
     _conv_shape, _normalize_depthwise, _conv_params, _conv_torch, parametric=True,
+    triton=conv_family,
     doc="depthwise convolution: conv with groups = input channels, out = C_in * multiplier",
 ))
 
@@ -225,7 +237,7 @@ OPS.register(OpDef(
     "local", "conv",
     (Arg("x", "tensor"), Arg("out", "int"), Arg("kernel", "spatial"), Arg("stride", "spatial", 1),
      Arg("pad", "pad", "valid"), Arg("bias", "enum", "location", BIAS_MODES)),
-    _local_shape, _normalize_local, _local_params, _local_torch, parametric=True,
+    _local_shape, _normalize_local, _local_params, _local_torch, parametric=True, triton="local",
     doc="locally connected (unshared) convolution, eq. 9.9",
 ))
 
@@ -262,7 +274,7 @@ OPS.register(OpDef(
     (Arg("x", "tensor"), Arg("out", "int"), Arg("kernel", "spatial"), Arg("tiles", "spatial"),
      Arg("stride", "spatial", 1), Arg("pad", "pad", "valid"),
      Arg("bias", "enum", "tiled", BIAS_MODES)),
-    _local_shape, _normalize_tiled, _tiled_params, _tiled_torch, parametric=True,
+    _local_shape, _normalize_tiled, _tiled_params, _tiled_torch, parametric=True, triton="tiled",
     doc="tiled convolution, eq. 9.10: t kernels per dim, output position p uses kernel p mod t",
 ))
 
@@ -365,6 +377,7 @@ OPS.register(OpDef(
      Arg("pad", "pad", 0), Arg("size", "size", None), Arg("dilation", "spatial", 1),
      Arg("bias", "enum", "channel", BIAS_MODES)),
     _deconv_shape, _normalize_deconv, _deconv_params, _deconv_torch, parametric=True,
+    triton="deconv",
     doc="transpose convolution (eq. 9.12-9.14); size= picks the output size when stride makes it "
         "ambiguous",
 ))
@@ -404,5 +417,5 @@ OPS.register(OpDef(
     (Arg("x", "tensor"), Arg("out", "int"), Arg("bias", "enum", "channel", BIAS_MODES)),
     _dense_shape, _normalize_dense, _dense_params,
     lambda inputs, attrs, params: tconv.dense(inputs[0], params, attrs),
-    parametric=True, doc="fully connected layer on [N, F]",
+    parametric=True, triton="dense", doc="fully connected layer on [N, F]",
 ))

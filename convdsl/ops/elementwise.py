@@ -40,7 +40,8 @@ def _activation_torch(fn):
 
 for _name, (_extra, _fn, _doc) in ACTIVATIONS.items():
     OPS.register(OpDef(_name, "activation", (Arg("x", "tensor"),) + _extra, _same_shape,
-                       _activation_normalize, torch=_activation_torch(_fn), doc=_doc))
+                       _activation_normalize, torch=_activation_torch(_fn), doc=_doc,
+                       triton="elementwise"))
 
 
 def _normalize_axis(ctx: ShapeContext) -> dict:
@@ -56,12 +57,14 @@ def _normalize_axis(ctx: ShapeContext) -> dict:
 OPS.register(OpDef(
     "softmax", "activation", (Arg("x", "tensor"), Arg("axis", "axis", "channel")), _same_shape,
     _normalize_axis, torch=lambda inputs, attrs, params: torch.softmax(inputs[0], attrs["axis"]),
+    triton="softmax",
     doc="softmax over an axis, the channels by default: per-pixel class probabilities (9.6)",
 ))
 OPS.register(OpDef(
     "log_softmax", "activation", (Arg("x", "tensor"), Arg("axis", "axis", "channel")), _same_shape,
     _normalize_axis,
     torch=lambda inputs, attrs, params: torch.log_softmax(inputs[0], attrs["axis"]),
+    triton="softmax",
     doc="log of softmax, computed stably",
 ))
 
@@ -84,7 +87,7 @@ for _name, (_symbol, _fn) in _BINARY.items():
         _name, "elementwise", (Arg("a", "tensor"), Arg("b", "tensor")), _binary_shape,
         lambda ctx, s=_symbol: {"symbol": s},
         torch=lambda inputs, attrs, params, f=_fn: f(inputs[0], inputs[1]),
-        doc=f"a {_symbol} b, elementwise on equal shapes",
+        doc=f"a {_symbol} b, elementwise on equal shapes", triton="elementwise",
     ))
 
 
@@ -102,5 +105,5 @@ OPS.register(OpDef(
     (Arg("x", "tensor"), Arg("scalar", "float"), Arg("symbol", "string"),
      Arg("scalar_first", "bool", False)),
     _same_shape, lambda ctx: dict(ctx.attrs), torch=_scalar_torch,
-    doc="a tensor combined with a constant: x + c, x - c, c - x, x * c",
+    doc="a tensor combined with a constant: x + c, x - c, c - x, x * c", triton="elementwise",
 ))

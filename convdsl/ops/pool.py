@@ -87,7 +87,7 @@ _POOL_DOCS = {
 
 for _name in POOL_KINDS:
     OPS.register(OpDef(_name, "pool", _POOL_COMMON + _POOL_EXTRA[_name], _pool_shape,
-                       _normalize_pool, torch=_pool_torch, doc=_POOL_DOCS[_name]))
+                       _normalize_pool, torch=_pool_torch, doc=_POOL_DOCS[_name], triton="pool"))
 
 
 def _normalize_maxout(ctx: ShapeContext) -> dict:
@@ -110,6 +110,6 @@ def _maxout_shape(ctx: ShapeContext) -> list[TensorType]:
 
 OPS.register(OpDef(
     "maxout", "pool", (Arg("x", "tensor"), Arg("pieces", "int")), _maxout_shape, _normalize_maxout,
-    torch=lambda inputs, attrs, params: tpool.maxout(inputs[0], attrs["pieces"]),
+    torch=lambda inputs, attrs, params: tpool.maxout(inputs[0], attrs["pieces"]), triton="maxout",
     doc="cross-channel pooling: max over each run of `pieces` consecutive channels (figure 9.9)",
 ))

@@ -20,7 +20,7 @@ def _flatten_shape(ctx: ShapeContext) -> list[TensorType]:
 
 OPS.register(OpDef(
     "flatten", "structure", (Arg("x", "tensor"),), _flatten_shape, lambda ctx: {},
-    torch=lambda inputs, attrs, params: torch.flatten(inputs[0], 1),
+    torch=lambda inputs, attrs, params: torch.flatten(inputs[0], 1), triton="view",
     doc="[N, C, ...] to [N, F], channel-major (as torch.flatten(x, 1))",
 ))
 
@@ -58,7 +58,7 @@ def _concat_shape(ctx: ShapeContext) -> list[TensorType]:
 OPS.register(OpDef(
     "concat", "structure", (Arg("tensors", "tensor"), Arg("axis", "axis", "channel")),
     _concat_shape, _normalize_concat, variadic=True,
-    torch=lambda inputs, attrs, params: torch.cat(inputs, attrs["axis"]),
+    torch=lambda inputs, attrs, params: torch.cat(inputs, attrs["axis"]), triton="concat",
     doc="concatenate along an axis, the channels by default",
 ))
 
@@ -92,6 +92,7 @@ OPS.register(OpDef(
     "split", "structure", (Arg("x", "tensor"), Arg("sizes", "ints")), _split_shape,
     _normalize_split, results=lambda attrs: len(attrs["sizes"]),
     torch=lambda inputs, attrs, params: list(torch.split(inputs[0], list(attrs["sizes"]), 1)),
+    triton="view",
     doc="split along the channels: a, b = split(x, [ca, cb])",
 ))
 

@@ -341,6 +341,30 @@ def test_table_separable():
         assert torch.all(grads[name][~mask] == 0)
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: conv(share=L) with L a connect=T conv reuses L's raw "
+                   "weight without L's table: the sharing conv reads (and trains) connections "
+                   "outside T, so they stop being held at zero while parameter_count() still "
+                   "counts only T's connections")
+def test_table_conv_shared_by_plain_conv_keeps_table_or_is_rejected():
+    import convdsl
+
+    src = table_src("a = conv(x, 4, kernel=3, connect=T, pad=same)\n"
+                    "    b = conv(x, 4, kernel=3, pad=same, share=a)", decl(1, 3, (5, 5)))
+    src = src.replace("return y", "return a + b")
+    try:
+        net = compile_net(src)
+    except convdsl.ConvDSLError:
+        return  # rejecting the share is a fine resolution
+    mask = torch.zeros(4, 3, dtype=torch.bool)
+    for o, row in enumerate(TABLE):
+        mask[o, row] = True
+    randomize(net, seed=44)
+    x = rand(1, 3, 5, 5, seed=45)
+    net(x).sum().backward()
+    grad = dict(net.named_parameters())["a.weight"].grad
+    assert torch.all(grad[~mask] == 0), "connections outside the table are being trained"
+
+
 # -- flip: true convolution (eq. 9.4) -------------------------------------------------------
 
 @pytest.mark.parametrize("rank,c,spatial,kernel", [

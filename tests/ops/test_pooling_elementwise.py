@@ -530,14 +530,10 @@ def test_maxpool_nan_1d_and_3d():
 
 
 # --------------------------------------------------------------------------------------
-# Non-finite values must stay inside their windows (avg/lp/wavg pooling)
+# Non-finite values must stay inside their windows (avg/lp/wavg pooling), and Lp
+# pooling of an all-zero window has gradient 0. Regression tests: both were bugs of
+# the first dense-matrix implementation (0 * inf = NaN leaked across windows).
 # --------------------------------------------------------------------------------------
-
-_LEAK_BUG = ("BUG: convdsl/torch_ops/pooling.py _apply_per_dim (line ~81) pools avg/lp/wavg with "
-             "dense [o, m] matrices, multiplying every input outside a window by 0; 0*inf = NaN, so "
-             "one inf/NaN input makes the whole feature map NaN instead of only its windows")
-
-
 
 @pytest.mark.parametrize("expr,ref", [
     ("avgpool(x, 2)", lambda x: F.avg_pool2d(x, 2)),
@@ -577,8 +573,27 @@ def test_lppool_gradient_with_an_all_zero_window(relu_first):
     torch.testing.assert_close(xa.grad, xb.grad)
 
 
+def test_lppool_zero_cell_adaptive_p3():
+    """An all-zero adaptive cell pools to 0 with gradient 0; the other cells are untouched."""
+    net = compile_net(one_input_net("lppool(x, output=(2, 2), p=3)", 1, (4, 5)))
+    x = distinct(1, 1, 4, 5)
+    x[0, 0, :2, :3] = 0.0  # cell (0, 0) covers rows [0, 2) and columns [0, 3)
+    xa = x.clone().requires_grad_()
+    out = net(xa)
+    out.sum().backward()
+    xr = x.double().requires_grad_()
+    want = ref_pool(xr, "lppool", adaptive_cells((4, 5), (2, 2)), p=3.0)
+    want[0, 0, 1:, :].sum().backward(retain_graph=True)  # the cells with nonzero values
+    want[0, 0, 0, 1].backward()
+    assert out[0, 0, 0, 0] == 0 and xa.grad.isfinite().all()
+    assert (xa.grad[0, 0, :2, :2] == 0).all()  # only in cell (0, 0)
+    torch.testing.assert_close(out.double(), want.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xa.grad[0, 0, 2:].double(), xr.grad[0, 0, 2:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(xa.grad[0, 0, :2, 3:].double(), xr.grad[0, 0, :2, 3:], atol=1e-5, rtol=1e-4)
+
+
 def test_lppool_gradient_away_from_zero_windows_1d_p3():
-    """Control for the bug above: without zero windows Lp gradients are right (p=3, 1-D)."""
+    """Without zero windows Lp gradients follow the definition (p=3, 1-D)."""
     net = compile_net(one_input_net("lppool(x, 2, p=3)", 1, (6,)))
     check_forward_backward(net, lambda x: ref_pool(x, "lppool", window_cells((6,), 2), p=3.0),
                            distinct(1, 1, 6))

@@ -1,0 +1,64 @@
+"""IR graph → kernel plans. Adjacent elementwise ops become one kernel."""
+from __future__ import annotations
+
+from ..errors import ConvDSLError
+from ..ir import Graph, Node
+from ..ir.types import dims_equal
+from ..ops import OPS
+from .families import KernelPlan, family
+
+
+def family_of(graph: Graph, node: Node) -> str:
+    op = OPS[node.op]
+    name = op.triton_family(node.attrs, [graph.type_of(r) for r in node.inputs])
+    if name is None:
+        raise ConvDSLError(f"{node.op} has no Triton lowering", node.span)
+    return name
+
+
+def _fusable_into(graph: Graph, producer: Node, node: Node, outputs: set[int]) -> bool:
+    """`node` may join `producer`'s chain when the intermediate lives nowhere else."""
+    return (producer.id not in outputs
+            and len(graph.users(producer.id)) == 1
+            and sum(r.node == producer.id for r in node.inputs) >= 1
+            and producer.types[0].rank == node.types[0].rank
+            and all(dims_equal(a, b) for a, b in zip(producer.types[0].shape, node.types[0].shape))
+            and producer.types[0].dtype == node.types[0].dtype)
+
+
+def group_nodes(graph: Graph) -> list[list[Node]]:
+    """Nodes in execution order, elementwise chains grouped."""
+    outputs = {r.node for r in graph.outputs}
+    groups: list[list[Node]] = []
+    chain_of: dict[int, list[Node]] = {}  # last node of an open elementwise chain → the chain
+    for node in graph.nodes():
+        if node.op == "_input":
+            continue
+        name = family_of(graph, node)
+        if name == "elementwise":
+            for ref in node.inputs:
+                chain = chain_of.get(ref.node)
+                if chain is not None and _fusable_into(graph, chain[-1], node, outputs):
+                    del chain_of[ref.node]
+                    chain.append(node)
+                    chain_of[node.id] = chain
+                    break
+            else:
+                chain = [node]
+                groups.append(chain)
+                chain_of[node.id] = chain
+        else:
+            groups.append([node])
+    return groups
+
+
+def lower(graph: Graph) -> list[KernelPlan]:
+    plans = []
+    seen: set[str] = set()
+    for group in group_nodes(graph):
+        plan = family(family_of(graph, group[0])).plan(graph, group)
+        if plan.source and plan.name in seen:
+            raise AssertionError(f"two kernels named {plan.name}")
+        seen.add(plan.name)
+        plans.append(plan)
+    return plans
