@@ -9,6 +9,17 @@ from .base import Family, KernelPlan
 _REGISTRY = {
     "elementwise": "elementwise:Elementwise",
     "view": "view:View",
+    "conv": "conv:Conv",
+    "dense": "dense:Dense",
+    "depthwise": "depthwise:Depthwise",
+    "separable": "separable:Separable",
+    "local": "local:Local",
+    "tiled": "local:Tiled",
+    "deconv": "deconv:Deconv",
+    "pool": "pool:Pool",
+    "maxout": "pool:Maxout",
+    "softmax": "softmax:Softmax",
+    "concat": "concat:Concat",
 }
 
 _LOADED: dict[str, Family] = {}
