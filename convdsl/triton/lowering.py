@@ -42,6 +42,10 @@ def group_nodes(graph: Graph) -> list[list[Node]]:
                     del chain_of[ref.node]
                     chain.append(node)
                     chain_of[node.id] = chain
+                    # The chain now runs at its newest node: after every group
+                    # that produces one of its operands.
+                    groups.pop(next(i for i, g in enumerate(groups) if g is chain))
+                    groups.append(chain)
                     break
             else:
                 chain = [node]
