@@ -107,7 +107,8 @@ class LayerRecord:
     op: str
     params: dict[str, str]  # role → param name
     span: Span
-    shared_key: tuple | None  # (block name, call node id) for shared-block layers
+    shared_key: str | None  # the enclosing shared block, for shared-block layers
+    attrs: dict = field(default_factory=dict)  # the op's attributes, for share= checks
 
 
 def _plural(n: int, word: str) -> str:
@@ -681,7 +682,7 @@ class NetBuilder:
             self.graph.params[decl.name] = decl
             params[role] = decl.name
         node.params = params
-        self.layers[layer] = LayerRecord(op.name, params, call.span, shared_key)
+        self.layers[layer] = LayerRecord(op.name, params, call.span, shared_key, dict(node.attrs))
 
     def _check_init(self, op: OpDef, node, init, spans) -> None:
         name = init[0]
@@ -719,9 +720,24 @@ class NetBuilder:
             raise ConvDSLError(f"share={text}: no layer '{text}' is defined before this one "
                                f"(layers so far: {known})", span)
         owner = self.layers[target]
-        if op.name == "deconv" and owner.op == "conv":
-            roles = ["weight"]  # the tied transpose: deconv's [in, out, k] is conv's [out, in, k]
+        if op.name == "deconv" and owner.op in ("conv", "depthwise"):
+            # The tied transpose: deconv's [in, out, k] is conv's [out, in, k]
+            # when the conv applies its weight as it is.
+            applied = [("connect=", owner.attrs.get("table") is not None),
+                       ("groups=", owner.attrs.get("groups", 1) != 1),
+                       ("flip=true", owner.attrs.get("flip")),
+                       ("separable=true", owner.attrs.get("separable"))]
+            for what, present in applied:
+                if present:
+                    raise ConvDSLError(f"share={text}: a deconv can only tie to a plain conv; "
+                                       f"'{target}' uses {what}, so its weight is not the kernel "
+                                       f"it applies", span)
+            roles = ["weight"]
         elif op.name == owner.op:
+            if owner.attrs.get("table") != node.attrs.get("table"):
+                raise ConvDSLError(f"share={text}: '{target}' holds its weight to a connection "
+                                   f"table; a layer sharing it must use the same connect= table",
+                                   span)
             roles = list(shapes)
             if set(roles) != set(owner.params):
                 raise ConvDSLError(f"share={text}: '{target}' has parameters "

@@ -341,10 +341,6 @@ def test_table_separable():
         assert torch.all(grads[name][~mask] == 0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: conv(share=L) with L a connect=T conv reuses L's raw "
-                   "weight without L's table: the sharing conv reads (and trains) connections "
-                   "outside T, so they stop being held at zero while parameter_count() still "
-                   "counts only T's connections")
 def test_table_conv_shared_by_plain_conv_keeps_table_or_is_rejected():
     import convdsl
 
