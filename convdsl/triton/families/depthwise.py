@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ...ir import ValueRef
 from ...ir.types import evaluate
 from ...ops.spatial import resolve_pads
 from ..codegen import module_source, render, safe_name
@@ -133,8 +134,7 @@ class Depthwise(Family):
                 "kernel": pad3(a["kernel"], 1), "stride": pad3(a["stride"], 1),
                 "dilation": pad3(a["dilation"], 1), "flip": bool(a["flip"])}
         return KernelPlan(name, self.name, source, (node.id,), (node.inputs[0],),
-                          (node.outputs_ref() if hasattr(node, "outputs_ref") else _ref(node),),
-                          meta=meta)
+                          (ValueRef(node.id, 0),), meta=meta)
 
     @staticmethod
     def arguments(meta) -> Arguments:
@@ -199,9 +199,3 @@ class Depthwise(Family):
         nbytes = ((numel(x, env) + outputs) * ITEMSIZE[x.dtype]
                   + 4 * (param_numel(graph, node, "weight") + param_numel(graph, node, "bias")))
         return flops, nbytes
-
-
-def _ref(node):
-    from ...ir import ValueRef
-
-    return ValueRef(node.id, 0)
