@@ -22,21 +22,28 @@ from .spatial import (
 BIAS_MODES = ("none", "channel", "location", "tiled")
 
 
+def _check_out_and_bias(ctx: ShapeContext, what: str = "output channels") -> None:
+    """Every parametric op: a positive output count; bias=tiled only on tiled."""
+    a = ctx.attrs
+    if a["out"] < 1:
+        raise ctx.error(f"{what} must be >= 1, got {a['out']}", "out")
+    if a.get("bias") == "tiled" and ctx.op != "tiled":
+        raise ctx.error(f"bias=tiled needs the tiled op; {ctx.op} takes none, channel or location",
+                        "bias")
+
+
 # -- conv ---------------------------------------------------------------------------------
 
 def _normalize_conv(ctx: ShapeContext) -> dict:
     require_spatial_input(ctx)
+    _check_out_and_bias(ctx)
     a = ctx.attrs
     out = a["out"]
-    if out < 1:
-        raise ctx.error(f"output channels must be >= 1, got {out}", "out")
     table = a.get("connect")
     groups = a["groups"]
     if table is not None and groups != 1:
         raise ctx.error("connect= and groups= cannot be combined; a table already says which "
                         "channels each output reads", "connect")
-    if a["bias"] == "tiled":
-        raise ctx.error("bias=tiled needs the tiled op; conv takes none, channel or location", "bias")
     return {
         "out": out,
         "kernel": expand_spatial(ctx, "kernel"),
@@ -189,17 +196,10 @@ OPS.register(OpDef(
 
 def _normalize_local(ctx: ShapeContext) -> dict:
     require_spatial_input(ctx)
+    _check_out_and_bias(ctx)
     a = ctx.attrs
-    if a["out"] < 1:
-        raise ctx.error(f"output channels must be >= 1, got {a['out']}", "out")
-    if a["bias"] == "tiled":
-        raise ctx.error(f"bias=tiled needs the tiled op; {ctx.op} takes none, channel or location",
-                        "bias")
-    attrs = {"out": a["out"], "kernel": expand_spatial(ctx, "kernel"),
-             "stride": expand_spatial(ctx, "stride"), "pad": normalize_pad(ctx), "bias": a["bias"]}
-    if "tiles" in a:
-        attrs["tiles"] = expand_spatial(ctx, "tiles")
-    return attrs
+    return {"out": a["out"], "kernel": expand_spatial(ctx, "kernel"),
+            "stride": expand_spatial(ctx, "stride"), "pad": normalize_pad(ctx), "bias": a["bias"]}
 
 
 def _local_shape(ctx: ShapeContext) -> list[TensorType]:
@@ -246,9 +246,8 @@ OPS.register(OpDef(
 
 def _normalize_tiled(ctx: ShapeContext) -> dict:
     require_spatial_input(ctx)
+    _check_out_and_bias(ctx)
     a = ctx.attrs
-    if a["out"] < 1:
-        raise ctx.error(f"output channels must be >= 1, got {a['out']}", "out")
     return {"out": a["out"], "kernel": expand_spatial(ctx, "kernel"),
             "stride": expand_spatial(ctx, "stride"), "pad": normalize_pad(ctx),
             "bias": a["bias"], "tiles": expand_spatial(ctx, "tiles")}
@@ -283,12 +282,8 @@ OPS.register(OpDef(
 
 def _normalize_deconv(ctx: ShapeContext) -> dict:
     require_spatial_input(ctx)
+    _check_out_and_bias(ctx)
     a = ctx.attrs
-    if a["out"] < 1:
-        raise ctx.error(f"output channels must be >= 1, got {a['out']}", "out")
-    if a["bias"] == "tiled":
-        raise ctx.error("bias=tiled needs the tiled op; deconv takes none, channel or location",
-                        "bias")
     size = a.get("size")
     if size is not None:
         d = ctx.spatial_rank
@@ -386,9 +381,8 @@ OPS.register(OpDef(
 # -- dense -----------------------------------------------------------------------------------
 
 def _normalize_dense(ctx: ShapeContext) -> dict:
+    _check_out_and_bias(ctx, "output features")
     a = ctx.attrs
-    if a["out"] < 1:
-        raise ctx.error(f"output features must be >= 1, got {a['out']}", "out")
     if a["bias"] not in ("none", "channel"):
         raise ctx.error("dense takes bias=none or bias=channel", "bias")
     return {"out": a["out"], "bias": a["bias"]}

@@ -1,0 +1,307 @@
+"""Convolution as an implicit GEMM on tensor cores (kernels/conv.py.jinja).
+
+One kernel per conv node, 1-D to 3-D. Per group g the conv is the product
+Y_g[M, C_out/g] = X_g[M, K] @ W_g[K, C_out/g], with M = N·prod(out spatial)
+and K = (C_in/g)·prod(kernel); the kernel gathers X_g's tiles from the input
+on the fly (implicit GEMM), so the patch matrix never exists in memory.
+
+Launch-time choices (the tile, int64 indexing, the dot's precision, the
+resolved padding) are arguments; the layer's geometry (kernel, stride,
+dilation, flip) is constexpr, so each layer gets code specialized to it.
+
+Connection tables (LeNet's C3) run as a sparse reduction: for each block of
+BLOCK_N output channels the host lists the union of input channels its rows
+read, and the K loop visits only those channels × taps; an int8 membership
+matrix masks the weight loads, so absent connections are never read and count
+as zero whatever the dense weight holds there.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ...ir import ValueRef
+from ...ir.types import evaluate
+from ...ops.spatial import effective_kernel, resolve_pads
+from ..codegen import module_source, render, safe_name
+from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
+
+DIMS = {1: ("w",), 2: ("h", "w"), 3: ("d", "h", "w")}  # spatial dim letters, outermost first
+TORCH_DTYPE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+SHARED_LIMIT = 99 * 1024  # shared memory a tile may pipeline: fits sm_80 through sm_90 (and sm_86/89)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tiling of a GEMM-shaped kernel."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+
+    def shared_bytes(self, a_itemsize: int, b_itemsize: int) -> int:
+        """Shared memory the software pipeline holds: num_stages A and B tiles."""
+        return self.num_stages * (self.BLOCK_M * self.BLOCK_K * a_itemsize
+                                  + self.BLOCK_K * self.BLOCK_N * b_itemsize)
+
+    def launch_options(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+# GPU tiles, best first; a launch takes the first whose pipeline fits in shared
+# memory (autotuning over the list comes later). num_warps=4 / num_stages=3 are
+# Triton's defaults, which is what ahead-of-time compilation (aot.py) builds.
+CONV_TILES = (
+    Tile(128, 128, 64, num_warps=4, num_stages=3),  # f16/bf16: ResNet-style layers
+    Tile(128, 128, 32, num_warps=4, num_stages=3),  # f32 (tf32)
+    Tile(64, 64, 32, num_warps=4, num_stages=3),
+)
+# The interpreter runs one program at a time in numpy: fewer, larger programs
+# are faster, and tl.dot needs every dim >= 16.
+CONV_CPU_TILE = Tile(64, 32, 32, num_warps=1, num_stages=1)
+
+
+def pick_tile(tiles, a_itemsize: int, b_itemsize: int) -> Tile:
+    for tile in tiles:
+        if tile.shared_bytes(a_itemsize, b_itemsize) <= SHARED_LIMIT:
+            return tile
+    return tiles[-1]
+
+
+def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """How tl.dot multiplies fp32 operands (ignored for f16/bf16)."""
+    return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+
+
+def dot_in_fp32(x: torch.Tensor) -> bool:
+    """The interpreter's bf16 tl.dot is unreliable: multiply there in fp32
+    (exact for products of 16-bit values; the accumulator is fp32 anyway)."""
+    return x.device.type == "cpu" and x.dtype != torch.float32
+
+
+class WeightCache:
+    """Weights converted (and, for convs, re-laid-out) for the GPU, once per
+    parameter version: `optimizer.step()` bumps `_version`, so a stale copy is
+    never used. Holding the source tensor keeps its data_ptr unique."""
+
+    def __init__(self, limit: int = 256):
+        self.limit = limit
+        self._entries: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, weight: torch.Tensor, dtype: torch.dtype, make) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), dtype,
+               str(weight.device))
+        entry = self._entries.get(key)
+        if entry is None or entry[0] is not weight:
+            if len(self._entries) >= self.limit:
+                self._entries.clear()
+            with torch.no_grad():
+                entry = self._entries[key] = (weight, make(weight.detach()))
+        return entry[1]
+
+
+def packed_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[out, in, *k] in `dtype`, stored as [*k, in, out] (out contiguous) but
+    returned as a view indexed [out, in, *k]: the kernel reads real strides,
+    and a [BLOCK_K, BLOCK_N] weight tile is now contiguous along out."""
+    rank = weight.dim() - 2
+    order = tuple(range(2, 2 + rank)) + (1, 0)  # [*k, in, out]
+    packed = weight.to(dtype).permute(order).contiguous()
+    back = [order.index(axis) for axis in range(weight.dim())]
+    return packed.permute(back)
+
+
+def output_format(x: torch.Tensor) -> torch.memory_format:
+    """Keep a channels-last input's layout for the output, as PyTorch's conv does."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def table_blocks(table, c_in: int, block_n: int, device) -> tuple[torch.Tensor, ...]:
+    """(block_start, block_chan, member) for a connection table and BLOCK_N:
+    block b of output channels b·BLOCK_N.. reads block_chan[block_start[b]:
+    block_start[b+1]], the sorted union of its rows; member[o, c] is 1 where
+    row o lists input c."""
+    starts, channels = [0], []
+    for first in range(0, len(table), block_n):
+        union = sorted(set().union(*table[first:first + block_n]))
+        channels.extend(union)
+        starts.append(len(channels))
+    member = torch.zeros(len(table), c_in, dtype=torch.int8)
+    for out, row in enumerate(table):
+        member[out, list(row)] = 1
+    return (torch.tensor(starts, dtype=torch.int32, device=device),
+            torch.tensor(channels, dtype=torch.int32, device=device),
+            member.to(device))
+
+
+def table_connections(table) -> int:
+    return sum(len(row) for row in table)
+
+
+def _numel(ttype, env) -> int:
+    return math.prod(evaluate(d, env) for d in ttype.shape)
+
+
+class Conv(Family):
+    name = "conv"
+    tiles = CONV_TILES
+    cpu_tile = CONV_CPU_TILE
+    pack_weights = {"cpu": False, "gpu": True}  # re-lay weights out (see packed_conv_weight)
+
+    def __init__(self):
+        self._tables: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (table, BLOCK_N, device) → blocks
+        self._weights = WeightCache()
+
+    # -- planning ------------------------------------------------------------------------
+    def plan(self, graph, nodes) -> KernelPlan:
+        (node,) = nodes
+        x = graph.type_of(node.inputs[0])
+        a = node.attrs
+        rank = x.rank - 2
+        name = safe_name("conv", f"{rank}d", node.layer or "", node.id)
+        geometry = "x".join(str(k) for k in a["kernel"])
+        doc = (f"{rank}-D convolution, kernel {geometry}, {a['out']} outputs"
+               + (f", {a['groups']} groups" if a["groups"] > 1 else "")
+               + (", connection table" if a["table"] is not None else "")
+               + f", bias {a['bias']}.")
+        source = module_source(render("conv.py.jinja", name=name, doc=doc, dims=list(DIMS[rank]),
+                                      bias=a["bias"], table=a["table"] is not None))
+        return KernelPlan(name, self.name, source, (node.id,), (node.inputs[0],),
+                          (ValueRef(node.id, 0),), meta={"rank": rank, "dtype": x.dtype})
+
+    # -- running -------------------------------------------------------------------------
+    def tile(self, x: torch.Tensor, w_itemsize: int) -> Tile:
+        if x.device.type == "cpu":
+            return self.cpu_tile
+        return pick_tile(self.tiles, x.element_size(), w_itemsize)
+
+    def launch(self, plan, kernel, inputs, params, attrs):
+        # Check inputs.
+        (x,) = inputs
+        (node_id,) = plan.nodes
+        a, p = attrs[node_id], params[node_id]
+        if x.dtype not in TORCH_DTYPE.values():
+            raise TypeError(f"the triton conv takes f32/f16/bf16 inputs, got {x.dtype}")
+        x = x.detach()
+        rank = x.dim() - 2
+        batch, channels, sizes = x.shape[0], x.shape[1], tuple(x.shape[2:])
+        groups, c_out_total, table = a["groups"], a["out"], a["table"]
+        pads = resolve_pads(a["pad"], sizes, a["kernel"], a["stride"], a["dilation"])
+        out_sizes = tuple((m + before + after - effective_kernel(k, r)) // s + 1
+                          for m, (before, after), k, s, r in zip(sizes, pads, a["kernel"],
+                                                                 a["stride"], a["dilation"]))
+        device = "cpu" if x.device.type == "cpu" else "gpu"
+        weight = p["weight"].detach()
+        if self.pack_weights[device]:
+            weight = self._weights.get(weight, x.dtype, lambda w: packed_conv_weight(w, x.dtype))
+        tile = self.tile(x, weight.element_size())
+
+        # Allocate the output.
+        y = torch.empty((batch, c_out_total) + out_sizes, device=x.device, dtype=x.dtype,
+                        memory_format=output_format(x))
+
+        # Grid: output-position blocks × output-channel blocks × groups.
+        c_in, c_out = channels // groups, c_out_total // groups
+        m_total = batch * math.prod(out_sizes)
+        grid = (triton.cdiv(m_total, tile.BLOCK_M), triton.cdiv(c_out, tile.BLOCK_N), groups)
+
+        # Launch.
+        pointers = [x, weight]
+        if a["bias"] != "none":
+            pointers.append(p["bias"].detach())
+        extra_strides = []
+        if table is not None:
+            blocks = self._table_blocks(table, channels, tile.BLOCK_N, x.device)
+            pointers.extend(blocks)
+            extra_strides = list(blocks[2].stride())
+        pointers.append(y)
+        location = [math.prod(out_sizes)] if a["bias"] == "location" else []
+        geometry = {}
+        for d, k, s, r in zip(DIMS[rank], a["kernel"], a["stride"], a["dilation"]):
+            geometry.update({f"KERNEL_{d.upper()}": k, f"CONV_STRIDE_{d.upper()}": s,
+                             f"DILATION_{d.upper()}": r})
+        options = tile.launch_options() if device == "gpu" else {}
+        kernel[grid](
+            *pointers,
+            batch, c_in, c_out, *sizes, *out_sizes, *location, *(before for before, _ in pads),
+            *x.stride(), *weight.stride(), *y.stride(), *extra_strides,
+            **geometry, FLIP=bool(a["flip"]),
+            BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K,
+            INPUT_PRECISION=input_precision(x.dtype, torch.backends.cudnn.allow_tf32),
+            DOT_FP32=dot_in_fp32(x), INDEX_64=needs_int64(x, weight, y), **options)
+        return [y]
+
+    def _table_blocks(self, table, c_in, block_n, device):
+        key = (table, c_in, block_n, str(device))
+        blocks = self._tables.get(key)
+        if blocks is None:
+            blocks = self._tables[key] = table_blocks(table, c_in, block_n, device)
+        return blocks
+
+    # -- ahead of time -------------------------------------------------------------------
+    def aot(self, plan, graph):
+        node = graph.node(plan.nodes[0])
+        a, dtype, rank = node.attrs, plan.meta["dtype"], plan.meta["rank"]
+        dims = DIMS[rank]
+        pointer = POINTER[dtype]
+        # A GPU launch packs the weight in the input's dtype (pack_weights["gpu"]).
+        w_itemsize = ITEMSIZE[dtype] if self.pack_weights["gpu"] else 4
+        tile = pick_tile(self.tiles, ITEMSIZE[dtype], w_itemsize)
+        sig = {"x_ptr": pointer, "w_ptr": pointer if self.pack_weights["gpu"] else "*fp32"}
+        if a["bias"] != "none":
+            sig["bias_ptr"] = "*fp32"
+        if a["table"] is not None:
+            sig.update({"block_start_ptr": "*i32", "block_chan_ptr": "*i32", "member_ptr": "*i8"})
+        sig["y_ptr"] = pointer
+        ints = ["batch", "c_in", "c_out", *(f"in_{d}" for d in dims), *(f"out_{d}" for d in dims)]
+        if a["bias"] == "location":
+            ints.append("n_positions")
+        ints += [f"pad_{d}" for d in dims]
+        for t in ("x", "w", "y"):
+            ints += [f"stride_{t}n" if t != "w" else "stride_wo", f"stride_{t}c"]
+            ints += [f"stride_{t}{d}" for d in dims]
+        if a["table"] is not None:
+            ints += ["stride_mo", "stride_mc"]
+        sig.update({i: "i32" for i in ints})
+        constexprs = {}
+        for d, k, s, r in zip(dims, a["kernel"], a["stride"], a["dilation"]):
+            constexprs.update({f"KERNEL_{d.upper()}": k, f"CONV_STRIDE_{d.upper()}": s,
+                               f"DILATION_{d.upper()}": r})
+        constexprs.update({"FLIP": bool(a["flip"]), "BLOCK_M": tile.BLOCK_M,
+                           "BLOCK_N": tile.BLOCK_N, "BLOCK_K": tile.BLOCK_K,
+                           "INPUT_PRECISION": input_precision(TORCH_DTYPE[dtype],
+                                                              torch.backends.cudnn.allow_tf32),
+                           "DOT_FP32": False, "INDEX_64": False})
+        sig.update({k: "constexpr" for k in constexprs})
+        return sig, constexprs
+
+    # -- cost ----------------------------------------------------------------------------
+    def cost(self, plan, graph, env):
+        node = graph.node(plan.nodes[0])
+        a = node.attrs
+        x, y = graph.type_of(node.inputs[0]), node.types[0]
+        taps = math.prod(a["kernel"])
+        rows = _numel(y, env) // a["out"]  # M = N · output positions
+        if a["table"] is not None:
+            weights = table_connections(a["table"]) * taps  # only real connections
+        else:
+            weights = a["out"] * (x.channels // a["groups"]) * taps
+        flops = 2 * rows * weights
+        bias = {"none": 0, "channel": a["out"], "location": _numel(y, env) // _numel_batch(y, env)}
+        nbytes = ((_numel(x, env) + _numel(y, env)) * ITEMSIZE[x.dtype]
+                  + (weights + bias[a["bias"]]) * 4)
+        return flops, nbytes
+
+
+def _numel_batch(ttype, env) -> int:
+    return evaluate(ttype.shape[0], env)
