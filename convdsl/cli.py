@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     ir = sub.add_parser("ir", help="print a net's IR")
     ir.add_argument("file")
     ir.add_argument("--net")
-    ir.add_argument("--stage", default="optimized", choices=("parsed", "optimized"))
+    ir.add_argument("--stage", default="optimized", choices=("parsed", "optimized", "backward"))
     ir.add_argument("--format", default="text", choices=("text", "dot", "json"))
 
     comp = sub.add_parser("compile", help="write the generated kernels and IR; with --target, "

@@ -8,10 +8,10 @@ from .checks import bind_inputs, check_layers
 from .errors import ConvDSLError, ConvDSLInputError
 from .ir import Graph, ValueRef
 from .ir.printer import FORMATS
-from .ops import OPS
+from .execute import run_graph
 from .ops.inits import initialize
 
-STAGES = ("parsed", "optimized")
+STAGES = ("parsed", "optimized", "backward")
 
 
 class _Layer(nn.Module):
@@ -70,12 +70,24 @@ class CompiledNet(nn.Module):
         return self._graph.name
 
     def ir(self, stage: str = "optimized", format: str = "text") -> str:
-        """The IR at a stage (parsed, optimized) as text, dot or json."""
-        if stage not in self._graphs:
+        """The IR at a stage as text, dot or json. `backward` is the graph the
+        compiler derives for the trainable parameters' gradients."""
+        if stage not in STAGES:
             raise ValueError(f"unknown IR stage '{stage}'; choose one of {', '.join(STAGES)}")
         if format not in FORMATS:
             raise ValueError(f"unknown IR format '{format}'; choose one of {', '.join(FORMATS)}")
-        return FORMATS[format](self._graphs[stage])
+        graph = self.backward().graph if stage == "backward" else self._graphs[stage]
+        return FORMATS[format](graph)
+
+    def backward(self, inputs_with_grad: tuple[str, ...] = ()):
+        """The derived backward graph (convdsl.autodiff.BackwardGraph), cached."""
+        from .autodiff import derive_backward
+
+        key = tuple(inputs_with_grad)
+        cache = self.__dict__.setdefault("_backward", {})
+        if key not in cache:
+            cache[key] = derive_backward(self._graph, key)
+        return cache[key]
 
     @property
     def kernels(self) -> dict[str, str]:
@@ -130,23 +142,11 @@ class CompiledNet(nn.Module):
                                       attrs_by_node, lambda name: _lookup(self, name))
             outputs = tuple(found[r] for r in graph.outputs)
             return outputs[0] if len(outputs) == 1 else outputs
-        values: dict = {}
-        for node_id, value in zip(graph.inputs, inputs):
-            values[(node_id, 0)] = value
-        for node in graph.nodes():
-            if node.op == "_input":
-                continue
-            args = [values[(r.node, r.index)] for r in node.inputs]
-            if node.id == stop_before:
-                return args
-            params = {role: _lookup(self, name) for role, name in node.params.items()}
-            result = OPS[node.op].torch(args, attrs_by_node[node.id], params)
-            if isinstance(result, (list, tuple)):
-                for index, item in enumerate(result):
-                    values[(node.id, index)] = item
-            else:
-                values[(node.id, 0)] = result
-        outputs = tuple(values[(r.node, r.index)] for r in graph.outputs)
+        found = run_graph(graph, dict(zip(graph.inputs, inputs)), attrs_by_node,
+                          lambda name: _lookup(self, name), stop_before)
+        if stop_before is not None:
+            return found
+        outputs = tuple(found[r] for r in graph.outputs)
         return outputs[0] if len(outputs) == 1 else outputs
 
     def _apply(self, fn, *args, **kwargs):

@@ -73,6 +73,7 @@ class Graph:
         self.outputs: list[ValueRef] = []
         self.params: dict[str, ParamDecl] = {}
         self.symbols: dict[str, tuple[str, int]] = {}  # size symbol → (input name, axis) that binds it
+        self.output_names: list[str] | None = None  # what each output is, where not obvious
         self._next_id = 0
 
     # -- construction -----------------------------------------------------------------
@@ -142,5 +143,6 @@ class Graph:
         clone.outputs = list(self.outputs)
         clone.params = dict(self.params)
         clone.symbols = dict(self.symbols)
+        clone.output_names = self.output_names
         clone._next_id = self._next_id
         return clone

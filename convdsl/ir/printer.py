@@ -21,11 +21,15 @@ def _attr_text(value) -> str:
     return str(value)
 
 
+# Bookkeeping a backward op carries for its lowering; `from=` already says it.
+_HIDDEN = frozenset({"fattrs", "forward", "input_type", "param_shapes"})
+
+
 def _attrs(node: Node) -> str:
     parts = []
     for key in node.attrs:
         value = node.attrs[key]
-        if key in ("type", "name") and node.op == "_input":
+        if key in ("type", "name") and node.op == "_input" or key in _HIDDEN:
             continue
         if value is None:
             continue
@@ -69,7 +73,9 @@ def to_text(graph: Graph) -> str:
     lines = [f"net {graph.name}({inputs}) {{"]
     for node in graph.nodes():
         lines.append(format_node(graph, node))
-    lines.append("  return " + ", ".join(str(r) for r in graph.outputs))
+    names = graph.output_names or [None] * len(graph.outputs)
+    lines.append("  return " + ", ".join(str(r) + (f" ({n})" if n else "")
+                                         for r, n in zip(graph.outputs, names)))
     lines.append("}")
     if graph.params:
         lines.append(f"params ({graph.parameter_count():,} in all):")

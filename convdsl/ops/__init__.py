@@ -1,5 +1,6 @@
 """The op table: every op of the language, defined once (see base.OpDef)."""
 from . import conv, elementwise, pool, structure  # noqa: F401  (each module registers its ops)
+from . import grads, vjp  # noqa: F401  (backward ops and VJP rules, after the forward ops)
 from .base import LAYER_ARGS, OPS, Arg, OpDef, ParamShape, ShapeContext
 
 __all__ = ["LAYER_ARGS", "OPS", "Arg", "OpDef", "ParamShape", "ShapeContext"]

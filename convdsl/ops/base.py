@@ -105,6 +105,9 @@ class OpDef:
     doc: str = ""
     # The Triton kernel family that lowers it: a name, or (attrs, operand types) → name.
     triton: str | Callable[[dict, list], str] | None = None
+    # The vector-Jacobian product: (VJPContext) → one gradient per operand, None
+    # where there is none (see ops/vjp.py; attached there, after the backward ops exist).
+    vjp: Callable[[Any], list] | None = None
 
     def triton_family(self, attrs: dict, inputs: list[TensorType]) -> str | None:
         return self.triton(attrs, inputs) if callable(self.triton) else self.triton
@@ -125,6 +128,11 @@ class OpTable:
             raise ValueError(f"op {op.name} registered twice")
         self._ops[op.name] = op
         return op
+
+    def attach_vjp(self, name: str, rule: Callable) -> None:
+        from dataclasses import replace
+
+        self._ops[name] = replace(self._ops[name], vjp=rule)
 
     def __getitem__(self, name: str) -> OpDef:
         return self._ops[name]

@@ -1,0 +1,143 @@
+"""Locally connected (eq. 9.9) and tiled (eq. 9.10) convolutions.
+
+Both are a set of weight matrices [C_OUT, C·taps], one per *class* of output
+positions: for `local` every position is its own class, for `tiled` position p
+belongs to class p mod t. One kernel (local.py.jinja) runs an implicit GEMM per
+class, rows = (sample, position of the class), so each weight element is read
+once per block of rows — the weight is the big tensor of `local`."""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from ...ir import ValueRef
+from ..codegen import module_source, render, safe_name
+from .base import ITEMSIZE, Family, KernelPlan, needs_int64
+from .depthwise import (
+    STRIDES_X,
+    STRIDES_Y,
+    Arguments,
+    bias_args,
+    bias_value,
+    concrete_pads,
+    ints,
+    numel,
+    pad3,
+    param_numel,
+    pow2,
+    spatial3,
+    target,
+    the_node,
+    window_sizes,
+)
+
+
+class Local(Family):
+    name = "local"
+    # (BLOCK_M max, BLOCK_N, BLOCK_K); BLOCK_M shrinks to the rows of a class
+    # (>= 16 for tl.dot). GPU: the first entry.
+    CONFIGS = {"gpu": [(64, 64, 32)], "cpu": [(64, 64, 64)]}
+
+    def plan(self, graph, nodes) -> KernelPlan:
+        (node,) = nodes
+        x = graph.type_of(node.inputs[0])
+        a = node.attrs
+        rank = x.rank - 2
+        name = safe_name(self.name, node.layer or "", node.id)
+        what = "Locally connected" if self.name == "local" else f"Tiled ({'x'.join(map(str, a['tiles']))} tiles)"
+        doc = (f"{what} {rank}-D convolution, kernel {'x'.join(map(str, a['kernel']))}, "
+               f"bias={a['bias']}.")
+        source = module_source(render("local.py.jinja", name=name, op=self.name, bias=a["bias"],
+                                      doc=doc))
+        meta = {"rank": rank, "bias": a["bias"], "kernel": pad3(a["kernel"], 1),
+                "stride": pad3(a["stride"], 1)}
+        return KernelPlan(name, self.name, source, (node.id,), (node.inputs[0],),
+                          (ValueRef(node.id, 0),), meta=meta)
+
+    @staticmethod
+    def arguments(meta) -> Arguments:
+        bias = meta["bias"]
+        return Arguments((("x_ptr", "ptr:x"), ("w_ptr", "ptr:fp32")) + bias_args(bias)
+                         + (("y_ptr", "ptr:y"),)
+                         + ints("N", "C", "D", "H", "W", "C_OUT", "OD", "OH", "OW")
+                         + (ints("n_positions") if bias == "location" else ())
+                         + ints("T_D", "T_H", "T_W", "J_D", "J_H", "J_W", "pad_d", "pad_h", "pad_w",
+                                "stride_wclass", "stride_wo")
+                         + ints(*STRIDES_X) + ints(*STRIDES_Y))
+
+    @staticmethod
+    def constexprs(meta, block, index_64: bool) -> dict:
+        (kd, kh, kw), (sd, sh, sw) = meta["kernel"], meta["stride"]
+        return {"KD": kd, "KH": kh, "KW": kw, "SD": sd, "SH": sh, "SW": sw,
+                "BLOCK_M": block[0], "BLOCK_N": block[1], "BLOCK_K": block[2],
+                "INDEX_64": index_64}
+
+    def classes(self, attrs, weight, out_spatial, c_out, reduction):
+        """(T per dim, stride between class matrices, stride between output channels)."""
+        positions = math.prod(out_spatial)
+        return pad3(out_spatial, 1), reduction, positions * reduction
+
+    def launch(self, plan, kernel, inputs, params, attrs):
+        # check inputs
+        meta = plan.meta
+        (x,) = inputs
+        (node_id,) = plan.nodes
+        a, p = attrs[node_id], params[node_id]
+        assert x.dim() == meta["rank"] + 2
+        weight = p["weight"].contiguous()
+        c_out, channels = a["out"], x.shape[1]
+        pads = concrete_pads(a, x.shape[2:])
+        out_spatial = window_sizes(x.shape[2:], a["kernel"], a["stride"], (1,) * meta["rank"], pads)
+        reduction = channels * math.prod(a["kernel"])
+        tiles, stride_wclass, stride_wo = self.classes(a, weight, out_spatial, c_out, reduction)
+        assert weight.numel() == math.prod(tiles) * c_out * reduction, "weight shape"
+        # allocate the output
+        y = torch.empty((x.shape[0], c_out) + out_spatial, device=x.device, dtype=x.dtype)
+        (d, h, w), sx = spatial3(x)
+        (od, oh, ow), sy = spatial3(y)
+        sub = [triton.cdiv(o, t) for o, t in zip((od, oh, ow), tiles)]
+        rows = x.shape[0] * math.prod(sub)
+        bm, bn, bk = self.CONFIGS[target(x)][0]
+        block = (max(16, min(bm, pow2(rows))), max(16, min(bn, pow2(c_out))),
+                 max(16, min(bk, pow2(reduction))))
+        values = {"x_ptr": x, "w_ptr": weight, **bias_value(p, meta["bias"]), "y_ptr": y,
+                  "N": x.shape[0], "C": channels, "D": d, "H": h, "W": w,
+                  "C_OUT": c_out, "OD": od, "OH": oh, "OW": ow,
+                  **dict(zip(("T_D", "T_H", "T_W"), tiles)), **dict(zip(("J_D", "J_H", "J_W"), sub)),
+                  **dict(zip(("pad_d", "pad_h", "pad_w"), pad3([b for b, _ in pads], 0))),
+                  "stride_wclass": stride_wclass, "stride_wo": stride_wo,
+                  **dict(zip(STRIDES_X, sx)), **dict(zip(STRIDES_Y, sy))}
+        if meta["bias"] == "location":
+            values["n_positions"] = od * oh * ow
+        # grid: one program per (class, output-channel block, row block)
+        grid = (math.prod(tiles) * triton.cdiv(c_out, block[1]) * triton.cdiv(rows, block[0]),)
+        kernel[grid](*self.arguments(meta).values(values),
+                     **self.constexprs(meta, block, needs_int64(x, y, weight)))
+        return [y]
+
+    def aot(self, plan, graph):
+        dtype = graph.type_of(plan.inputs[0]).dtype
+        constexprs = self.constexprs(plan.meta, self.CONFIGS["gpu"][0], False)
+        return self.arguments(plan.meta).signature(dtype, constexprs), constexprs
+
+    def cost(self, plan, graph, env):
+        node = the_node(graph, plan)
+        x, y = graph.type_of(plan.inputs[0]), graph.type_of(plan.outputs[0])
+        outputs = numel(y, env)
+        reduction = x.channels * math.prod(node.attrs["kernel"])
+        flops = 2 * outputs * reduction + (outputs if node.attrs["bias"] != "none" else 0)
+        nbytes = ((numel(x, env) + outputs) * ITEMSIZE[x.dtype]
+                  + 4 * (param_numel(graph, node, "weight") + param_numel(graph, node, "bias")))
+        return flops, nbytes
+
+
+class Tiled(Local):
+    """Tiled convolution: t_1 x ... x t_d classes; weight [*t, out, in, *k]."""
+
+    name = "tiled"
+    CONFIGS = {"gpu": [(64, 64, 32)], "cpu": [(64, 64, 64)]}
+
+    def classes(self, attrs, weight, out_spatial, c_out, reduction):
+        return pad3(attrs["tiles"], 1), c_out * reduction, reduction
