@@ -135,6 +135,7 @@ def derive_backward(forward: Graph, inputs_with_grad=()) -> BackwardGraph:
     """The backward graph of `forward` for its trainable parameters and the
     named inputs."""
     backward = Graph(f"{forward.name}.backward", forward.span)
+    backward._next_id = forward._next_id  # ids unique across both graphs: kernel names too
     state = _State(forward, backward, requires_grad(forward, inputs_with_grad))
     seeds = []
     for index, ref in enumerate(forward.outputs):

@@ -60,9 +60,9 @@ class CompiledNet(nn.Module):
         self.register_load_state_dict_post_hook(_loaded)
         self._program = None
         if backend == "triton":
-            from .triton.runtime import TritonProgram
+            from .triton.runtime import TritonNet
 
-            self._program = TritonProgram(optimized)
+            self._program = TritonNet(self)
 
     # -- inspection ----------------------------------------------------------------------
     @property
@@ -92,7 +92,7 @@ class CompiledNet(nn.Module):
     @property
     def kernels(self) -> dict[str, str]:
         """Generated Triton kernel sources by name (empty on the torch backend)."""
-        return self._program.sources if self._program is not None else {}
+        return self._program.sources() if self._program is not None else {}
 
     def parameter_count(self, trainable_only: bool = False) -> int:
         """Real parameters (a connection table's absent connections excluded)."""
@@ -138,10 +138,7 @@ class CompiledNet(nn.Module):
         env = bind_inputs(graph, inputs, self._device(), allow_float64=self._float64)
         attrs_by_node = self._plan(env)
         if self._program is not None and stop_before is None:
-            found = self._program.run({ValueRef(n, 0): v for n, v in zip(graph.inputs, inputs)},
-                                      attrs_by_node, lambda name: _lookup(self, name))
-            outputs = tuple(found[r] for r in graph.outputs)
-            return outputs[0] if len(outputs) == 1 else outputs
+            return self._program(self, tuple(inputs), attrs_by_node, env)
         found = run_graph(graph, dict(zip(graph.inputs, inputs)), attrs_by_node,
                           lambda name: _lookup(self, name), stop_before)
         if stop_before is not None:

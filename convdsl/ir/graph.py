@@ -74,6 +74,8 @@ class Graph:
         self.params: dict[str, ParamDecl] = {}
         self.symbols: dict[str, tuple[str, int]] = {}  # size symbol → (input name, axis) that binds it
         self.output_names: list[str] | None = None  # what each output is, where not obvious
+        # Values a derived backward graph reads: kernels that fuse must still store them.
+        self.saved_for_backward: frozenset = frozenset()
         self._next_id = 0
 
     # -- construction -----------------------------------------------------------------
@@ -144,5 +146,6 @@ class Graph:
         clone.params = dict(self.params)
         clone.symbols = dict(self.symbols)
         clone.output_names = self.output_names
+        clone.saved_for_backward = self.saved_for_backward
         clone._next_id = self._next_id
         return clone

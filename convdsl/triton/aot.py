@@ -69,7 +69,11 @@ def compile_kernel(source: str, name: str, signature: dict, constexprs: dict, ca
 
 
 def compile_program(program, target: str, outdir: Path | None, env: dict) -> list[KernelReport]:
-    """Compile every kernel of a TritonProgram; write PTX and cubin to `outdir`."""
+    """Compile every kernel of a TritonProgram (or of a TritonNet's forward and
+    backward programs); write PTX and cubin to `outdir`."""
+    if hasattr(program, "inference"):
+        programs = [program.inference, *program._backward.values()]
+        return [r for p in programs for r in compile_program(p, target, outdir, env)]
     from .families import family
 
     from ..ir.types import symbol

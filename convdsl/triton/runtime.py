@@ -1,89 +1,36 @@
-"""Running kernel plans. Each kernel call is one torch.autograd.Function.
+"""Running a net's kernels inside PyTorch autograd.
 
-Until the compiler derives backward kernels (issue 4), a kernel's backward
-recomputes its nodes with the torch lowering and differentiates that — the
-gradients are right, and the forward runs only generated kernels."""
+One torch.autograd.Function covers the whole net: `forward` runs the forward
+kernels and keeps exactly the values the derived backward graph reads;
+`backward` runs that graph's kernels (convdsl.autodiff derives it; one graph
+per set of inputs that need a gradient)."""
 from __future__ import annotations
 
 import torch
 
-from ..ir import Graph
-from ..ops import OPS
+from ..checks import check_layers
+from ..ir import Graph, ValueRef
+from ..ir.types import symbol
 from .families import KernelPlan, family
 from .loader import load_kernel
 from .lowering import lower
 
 
-class _Call:
-    """What one kernel invocation needs besides its tensors."""
-
-    def __init__(self, program: "TritonProgram", plan: KernelPlan, attrs: dict, roles: list):
-        self.program, self.plan, self.attrs, self.roles = program, plan, attrs, roles
-
-    def split(self, tensors):
-        n = len(self.plan.inputs)
-        params: dict[int, dict] = {}
-        for (node_id, role), tensor in zip(self.roles, tensors[n:]):
-            params.setdefault(node_id, {})[role] = tensor
-        return list(tensors[:n]), params
-
-    def run_kernel(self, tensors):
-        inputs, params = self.split(tensors)
-        kernel = self.program.kernel(self.plan)
-        return family(self.plan.family).launch(self.plan, kernel, inputs, params, self.attrs)
-
-    def run_reference(self, tensors):
-        """The same nodes through the torch lowering (differentiable)."""
-        inputs, params = self.split(tensors)
-        graph = self.program.graph
-        values = dict(zip(self.plan.inputs, inputs))
-        for node_id in self.plan.nodes:
-            node = graph.node(node_id)
-            args = [values[r] for r in node.inputs]
-            result = OPS[node.op].torch(args, self.attrs[node_id], params.get(node_id, {}))
-            results = result if isinstance(result, (list, tuple)) else [result]
-            for index, value in enumerate(results):
-                from ..ir import ValueRef
-
-                values[ValueRef(node_id, index)] = value
-        return [values[r] for r in self.plan.outputs]
-
-
-class _KernelFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, call: _Call, *tensors):
-        ctx.call = call
-        ctx.save_for_backward(*tensors)
-        outputs = call.run_kernel(tensors)
-        ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
-        return tuple(outputs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        tensors = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[1:]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(w) for t, w in zip(tensors, wanted)]
-            outputs = ctx.call.run_reference(leaves)
-            pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
-            targets = [leaf for leaf, w in zip(leaves, wanted) if w]
-            found = torch.autograd.grad([o for o, _ in pairs], targets, [g for _, g in pairs],
-                                        allow_unused=True) if pairs and targets else []
-        found = iter(found)
-        return (None, *[next(found) if w else None for w in wanted])
-
-
 class TritonProgram:
-    """A net's kernels, lowered once; compiled (or interpreted) on first use."""
+    """One graph's kernels, lowered once; compiled (or interpreted) on first use."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, backward: bool = False):
         self.graph = graph
-        self.plans = lower(graph)
+        self.plans = lower(graph, backward)
         self._kernels: dict[str, object] = {}
 
     @property
     def sources(self) -> dict[str, str]:
         return {p.name: p.source for p in self.plans if p.source}
+
+    def reference_ops(self) -> list[str]:
+        """Ops that still run their torch lowering (no generated kernel yet)."""
+        return sorted({p.meta["op"] for p in self.plans if p.family == "reference"})
 
     def kernel(self, plan: KernelPlan):
         if not plan.source:
@@ -93,22 +40,119 @@ class TritonProgram:
             kernel = self._kernels[plan.name] = load_kernel(plan.source, plan.name)
         return kernel
 
-    def run(self, inputs: dict, attrs_by_node: dict, lookup) -> dict:
-        """Execute every plan; `lookup(param name)` gives a parameter tensor."""
-        values = dict(inputs)
+    def run(self, inputs: dict[int, torch.Tensor], attrs_by_node: dict, lookup) -> dict:
+        """Every plan in order; `inputs` by input node id, `lookup(name)` a parameter."""
+        values = {ValueRef(n, 0): v for n, v in inputs.items()}
         for plan in self.plans:
-            roles, params = [], []
+            params: dict[int, dict] = {}
             for node_id in plan.nodes:
-                for role, name in sorted(self.graph.node(node_id).params.items()):
-                    roles.append((node_id, role))
-                    params.append(lookup(name))
+                for role, name in self.graph.node(node_id).params.items():
+                    params.setdefault(node_id, {})[role] = lookup(name)
             attrs = {n: attrs_by_node[n] for n in plan.nodes}
-            call = _Call(self, plan, attrs, roles)
-            operands = [values[r] for r in plan.inputs] + params
-            outputs = _KernelFunction.apply(call, *operands)
+            outputs = family(plan.family).launch(plan, self.kernel(plan),
+                                                 [values[r] for r in plan.inputs], params, attrs)
             for ref, value in zip(plan.outputs, outputs):
                 values[ref] = value
         return values
 
     def __getstate__(self):
-        return {"graph": self.graph, "plans": self.plans, "_kernels": {}}
+        return {**self.__dict__, "_kernels": {}}
+
+
+class TritonNet:
+    """The forward program and, per set of inputs needing gradients, the backward one."""
+
+    def __init__(self, net):
+        self.graph: Graph = net._graph
+        self.inference = TritonProgram(self.graph)
+        self._training = None
+        self._backward: dict[tuple, TritonProgram] = {}
+        self._attrs: dict[tuple, dict] = {}
+
+    @property
+    def forward(self) -> TritonProgram:
+        return self.inference
+
+    def training(self, net) -> TritonProgram:
+        """The forward kernels when a backward pass will follow: fused as in
+        inference, but storing every value a derived backward graph may read."""
+        if self._training is None:
+            every = tuple(net.input_names)
+            saved = set(net.backward(()).saved) | set(net.backward(every).saved)
+            graph = self.graph.copy()
+            graph.saved_for_backward = frozenset(saved)
+            self._training = TritonProgram(graph)
+        return self._training
+
+    def backward_program(self, net, inputs_with_grad: tuple) -> tuple:
+        bwd = net.backward(inputs_with_grad)
+        if inputs_with_grad not in self._backward:
+            self._backward[inputs_with_grad] = TritonProgram(bwd.graph, backward=True)
+        return bwd, self._backward[inputs_with_grad]
+
+    def backward_attrs(self, bwd, env: dict, key: tuple) -> dict:
+        if key not in self._attrs:
+            if len(self._attrs) > 64:
+                self._attrs.clear()
+            self._attrs[key] = check_layers(bwd.graph, env)
+        return self._attrs[key]
+
+    def __call__(self, net, inputs: tuple, attrs_by_node: dict, env: dict):
+        names = list(net._graph.params)
+        params = [_param(net, n) for n in names]
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *params))
+        program = self.training(net) if grad else self.inference
+        return _NetFunction.apply(self, program, net, attrs_by_node, env, names, len(inputs),
+                                  *inputs, *params)
+
+    def sources(self) -> dict[str, str]:
+        found = dict(self.inference.sources)
+        if self._training is not None:
+            found.update(self._training.sources)
+        for program in self._backward.values():
+            found.update(program.sources)
+        return found
+
+
+def _param(net, name):
+    from ..module import _lookup
+
+    return _lookup(net, name)
+
+
+class _NetFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, runner: TritonNet, program, net, attrs_by_node, env, names, n_in, *tensors):
+        graph = runner.graph
+        params = dict(zip(names, tensors[n_in:]))
+        values = program.run(dict(zip(graph.inputs, tensors[:n_in])), attrs_by_node,
+                             params.__getitem__)
+        outputs = tuple(values[r] for r in graph.outputs)
+        needs = ctx.needs_input_grad[7:]
+        if any(needs):
+            with_grad = tuple(graph.node(n).attrs["name"]
+                              for n, need in zip(graph.inputs, needs[:n_in]) if need)
+            bwd, program = runner.backward_program(net, with_grad)
+            saved_refs = list(bwd.saved)
+            ctx.save_for_backward(*[values[r] for r in saved_refs], *tensors[n_in:])
+            ctx.plan = (runner, bwd, program, saved_refs, env, with_grad, names, n_in)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        runner, bwd, program, saved_refs, env, with_grad, names, n_in = ctx.plan
+        stored = ctx.saved_tensors
+        saved, params = stored[:len(saved_refs)], dict(zip(names, stored[len(saved_refs):]))
+        feed = dict(zip(bwd.seeds, grads))
+        feed.update({bwd.saved[r]: v for r, v in zip(saved_refs, saved)})
+        key = (tuple(sorted(env.items())), with_grad)
+        attrs = runner.backward_attrs(bwd, {k: v for k, v in env.items()}, key)
+        values = program.run(feed, attrs, params.__getitem__)
+        found = {name: values[ref] for name, ref in zip(bwd.grads, bwd.graph.outputs)}
+        input_names = [runner.graph.node(n).attrs["name"] for n in runner.graph.inputs]
+        input_grads = [found.get(f"input:{name}") for name in input_names]
+        param_grads = [found.get(name) for name in names]
+        return (None,) * 7 + tuple(input_grads) + tuple(param_grads)
+
+
+__all__ = ["TritonNet", "TritonProgram", "symbol"]

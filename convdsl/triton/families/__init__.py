@@ -9,6 +9,7 @@ from .base import Family, KernelPlan
 _REGISTRY = {
     "elementwise": "elementwise:Elementwise",
     "view": "view:View",
+    "reference": "reference:Reference",
     "conv": "conv:Conv",
     "dense": "dense:Dense",
     "depthwise": "depthwise:Depthwise",

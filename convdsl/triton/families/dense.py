@@ -9,11 +9,11 @@ from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
 from .conv import TORCH_DTYPE, Tile, WeightCache, _numel, dot_in_fp32, input_precision, pick_tile
 
-# GPU tiles, best first (the first whose pipeline fits shared memory is used).
+# GPU tiles: the first that fits shared memory runs (see conv.CONV_TILES).
 DENSE_TILES = (
-    Tile(128, 128, 64, num_warps=4, num_stages=3),
-    Tile(128, 128, 32, num_warps=4, num_stages=3),
     Tile(64, 64, 32, num_warps=4, num_stages=3),
+    Tile(128, 128, 64, num_warps=8, num_stages=3),
+    Tile(128, 128, 32, num_warps=8, num_stages=3),
 )
 DENSE_CPU_TILE = Tile(32, 64, 64, num_warps=1, num_stages=1)
 

@@ -22,6 +22,13 @@ EXPRESSIONS = {
     "_add": "{0} + {1}",
     "_sub": "{0} - {1}",
     "_mul": "{0} * {1}",
+    # Gradients: {0} is dy, {1} the saved input or output (ops/grads.py says which).
+    "_relu_dx": "tl.where({1} > 0.0, {0}, 0.0)",
+    "_sigmoid_dx": "{0} * {1} * (1.0 - {1})",
+    "_tanh_dx": "{0} * (1.0 - {1} * {1})",
+    "_leaky_relu_dx": "tl.where({1} > 0.0, {0}, {0} * {slope})",
+    "_elu_dx": "tl.where({1} > 0.0, {0}, {0} * {alpha} * tl.exp({1}))",
+    "_softplus_dx": "{0} / (1.0 + tl.exp(-{1}))",
 }
 
 ELEMENTWISE_OPS = frozenset(EXPRESSIONS) | {"_scalar"}
@@ -35,7 +42,8 @@ def _expression(node) -> str:
         if node.attrs["symbol"] == "-" and node.attrs["scalar_first"]:
             return f"{c} - {{0}}"
         return f"{{0}} + {c}"
-    attrs = {k: float_literal(v) for k, v in node.attrs.items() if isinstance(v, float)}
+    source = node.attrs.get("fattrs", node.attrs)  # a gradient reads its forward op's attrs
+    attrs = {k: float_literal(v) for k, v in source.items() if isinstance(v, float)}
     return EXPRESSIONS[node.op].format("{0}", "{1}", **attrs)
 
 
@@ -57,33 +65,39 @@ class Elementwise(Family):
             steps.append((target, _expression(node).format(*operands), node.op.lstrip("_")))
             names[_ref(node)] = target
         last = nodes[-1]
+        # Intermediates the backward pass reads are stored too (extra outputs).
+        kept = [_ref(n) for n in nodes[:-1] if _ref(n) in graph.saved_for_backward]
         name = safe_name("elementwise", *[n.op for n in nodes][:4], last.id)
         doc = "Fused elementwise chain: " + " -> ".join(n.op.lstrip("_") for n in nodes) + "."
         source = module_source(render("elementwise.py.jinja", name=name, n_inputs=len(inputs),
-                                      steps=steps, result=steps[-1][0], doc=doc))
+                                      steps=steps, result=steps[-1][0], doc=doc,
+                                      n_kept=len(kept), kept=[names[r] for r in kept]))
         return KernelPlan(name, self.name, source, tuple(n.id for n in nodes), tuple(inputs),
-                          (_ref(last),), meta={"steps": len(steps)})
+                          (_ref(last), *kept), meta={"steps": len(steps), "kept": len(kept)})
 
     def launch(self, plan, kernel, inputs, params, attrs):
         operands = [t.contiguous() for t in inputs]
-        out = torch.empty_like(operands[0], memory_format=torch.contiguous_format)
-        n = out.numel()
-        block = self.BLOCK["cpu" if out.device.type == "cpu" else "gpu"]
+        outs = [torch.empty_like(operands[0], memory_format=torch.contiguous_format)
+                for _ in range(1 + plan.meta["kept"])]
+        n = outs[0].numel()
+        block = self.BLOCK["cpu" if outs[0].device.type == "cpu" else "gpu"]
         grid = (triton.cdiv(n, block),)
-        kernel[grid](*operands, out, n, BLOCK=block, INDEX_64=needs_int64(out))
-        return [out]
+        kernel[grid](*operands, *outs, n, BLOCK=block, INDEX_64=needs_int64(outs[0]))
+        return outs
 
     def aot(self, plan, graph):
         dtype = graph.type_of(plan.outputs[0]).dtype
         signature = {f"in{i}_ptr": POINTER[dtype] for i in range(len(plan.inputs))}
-        signature.update({"out_ptr": POINTER[dtype], "n_elements": "i32", "BLOCK": "constexpr",
-                          "INDEX_64": "constexpr"})
+        signature["out_ptr"] = POINTER[dtype]
+        signature.update({f"kept{i}_ptr": POINTER[dtype] for i in range(plan.meta["kept"])})
+        signature.update({"n_elements": "i32", "BLOCK": "constexpr", "INDEX_64": "constexpr"})
         return signature, {"BLOCK": self.BLOCK["gpu"], "INDEX_64": False}
 
     def cost(self, plan, graph, env):
         out = graph.type_of(plan.outputs[0])
         n = _numel(out, env)
-        return n * plan.meta["steps"], n * (len(plan.inputs) + 1) * ITEMSIZE[out.dtype]
+        stores = 1 + plan.meta["kept"]
+        return n * plan.meta["steps"], n * (len(plan.inputs) + stores) * ITEMSIZE[out.dtype]
 
 
 def _ref(node):
