@@ -106,14 +106,21 @@ def _bias_grad_torch(inputs, attrs, params):
 
 
 _DX = Arg("dy", "tensor")
+# Kernel families of the gradients (convdsl/triton/families); local and tiled share one.
+_GRAD_FAMILY = {"conv": "conv", "local": "local", "tiled": "local", "deconv": "deconv",
+                "dense": "dense"}
+
 for _op in LINEAR_IN_X:
     OPS.register(OpDef(f"_{_op}_dx", "grad", (_DX,), _like_input, torch=_dx_torch,
+                       triton=f"{_GRAD_FAMILY[_op]}_dx",
                        doc=f"input gradient of {_op} (transpose of the forward map)"))
     OPS.register(OpDef(f"_{_op}_dw", "grad", (_DX, Arg("x", "tensor")), _like_params,
                        torch=_dw_torch, results=lambda attrs: len(attrs["roles"]),
+                       triton=f"{_GRAD_FAMILY[_op]}_dw",
                        doc=f"weight gradient of {_op} (correlation of input and dy)"))
 
 OPS.register(OpDef("_bias_grad", "grad", (_DX,), _like_params, torch=_bias_grad_torch,
+                   triton="bias_grad",
                    doc="bias gradient: dy summed over the positions a bias is shared by"))
 
 
@@ -128,11 +135,12 @@ def _pool_dx_torch(inputs, attrs, params):
 
 
 OPS.register(OpDef("_pool_dx", "grad", (_DX, Arg("x", "tensor", None)), _like_input,
-                   torch=_pool_dx_torch,
+                   torch=_pool_dx_torch, triton="pool_dx",
                    doc="pooling input gradient: max routes dy to the argmax, the others "
                        "spread it with the window's weights"))
 OPS.register(OpDef("_maxout_dx", "grad", (_DX, Arg("x", "tensor")), _like_input,
-                   torch=_pool_dx_torch, doc="maxout input gradient: dy to each group's argmax"))
+                   torch=_pool_dx_torch, triton="maxout_dx",
+                   doc="maxout input gradient: dy to each group's argmax"))
 
 
 # -- activations: dy times the derivative, from the saved input or output -------------------
@@ -157,7 +165,8 @@ ACTIVATION_GRADS = {
 
 for _name, (_saved, _fn) in ACTIVATION_GRADS.items():
     OPS.register(OpDef(f"_{_name}_dx", "grad", (_DX, Arg(_saved, "tensor")), _like_dy,
-                       torch=_act(_fn), triton="elementwise" if "softmax" not in _name else None,
+                       torch=_act(_fn),
+                       triton="softmax_dx" if "softmax" in _name else "elementwise",
                        doc=f"input gradient of {_name}, from its saved {'output' if _saved == 'y' else 'input'}"))
 
 

@@ -21,6 +21,19 @@ _REGISTRY = {
     "maxout": "pool:Maxout",
     "softmax": "softmax:Softmax",
     "concat": "concat:Concat",
+    # gradients (ops/grads.py); until a module exists its ops run as "reference"
+    "conv_dx": "conv_grad:ConvDx",
+    "conv_dw": "conv_grad:ConvDw",
+    "bias_grad": "conv_grad:BiasGrad",
+    "dense_dx": "dense_grad:DenseDx",
+    "dense_dw": "dense_grad:DenseDw",
+    "deconv_dx": "deconv_grad:DeconvDx",
+    "deconv_dw": "deconv_grad:DeconvDw",
+    "local_dx": "local_grad:LocalDx",
+    "local_dw": "local_grad:LocalDw",
+    "pool_dx": "pool_grad:PoolDx",
+    "maxout_dx": "pool_grad:MaxoutDx",
+    "softmax_dx": "softmax_grad:SoftmaxDx",
 }
 
 _LOADED: dict[str, Family] = {}
