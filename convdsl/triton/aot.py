@@ -5,9 +5,12 @@ and a cubin; Triton's bundled `cuobjdump` reads registers, local memory
 (spills) and shared memory from the cubin."""
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +23,7 @@ class KernelReport:
     direction: str
     family: str
     registers: int | None
-    spills: int | None  # bytes of local memory per thread (0 = no spills)
+    spills: int | None  # bytes of stack + local memory per thread (0 = no spills)
     shared_bytes: int
     flops: int
     bytes: int
@@ -48,14 +51,17 @@ def resource_usage(cubin: bytes, name: str, workdir: Path) -> tuple[int | None, 
     path.write_bytes(cubin)
     out = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True,
                          text=True, check=False).stdout
-    match = re.search(r"REG:(\d+).*?LOCAL:(\d+)", out, re.S)
+    match = re.search(r"REG:(\d+)\s+STACK:(\d+).*?LOCAL:(\d+)", out, re.S)
     if not match:
         return None, None
-    return int(match.group(1)), int(match.group(2))
+    # ptxas spills to the stack frame or to local memory; either counts.
+    return int(match.group(1)), int(match.group(2)) + int(match.group(3))
 
 
-def compile_kernel(source: str, name: str, signature: dict, constexprs: dict, capability: int):
-    """One kernel compiled for `sm_<capability>`."""
+def compile_kernel(source: str, name: str, signature: dict, constexprs: dict, capability: int,
+                   options: dict | None = None):
+    """One kernel compiled for `sm_<capability>` in this process (Triton in compiled
+    mode); `options` are launch options such as num_warps and num_stages."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -65,7 +71,32 @@ def compile_kernel(source: str, name: str, signature: dict, constexprs: dict, ca
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     fn = load_kernel(source, name, interpret=False)
     return triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
-                          target=GPUTarget("cuda", capability, 32))
+                          target=GPUTarget("cuda", capability, 32), options=options or None)
+
+
+def compile_many(jobs: list[dict], capability: int) -> list[dict]:
+    """Compile kernels: {"source", "name", "signature", "constexprs"} → {"ptx", "cubin",
+    "shared"}. In a worker process when this one interprets Triton's library."""
+    from .loader import library_interpreted
+
+    if not library_interpreted():
+        results = []
+        for job in jobs:
+            compiled = compile_kernel(job["source"], job["name"], job["signature"],
+                                      job["constexprs"], capability, job.get("options"))
+            results.append({"ptx": compiled.asm["ptx"], "cubin": compiled.asm["cubin"],
+                            "shared": int(compiled.metadata.shared)})
+        return results
+    request = json.dumps({"capability": capability, "jobs": jobs})
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-m", "convdsl.triton.aot_worker"], input=request,
+                          capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"ahead-of-time compilation failed:\n{done.stderr[-4000:]}")
+    results = json.loads(done.stdout)
+    for r in results:
+        r["cubin"] = base64.b64decode(r["cubin"])
+    return results
 
 
 def compile_program(program, target: str, outdir: Path | None, env: dict) -> list[KernelReport]:
@@ -74,27 +105,30 @@ def compile_program(program, target: str, outdir: Path | None, env: dict) -> lis
     if hasattr(program, "inference"):
         programs = [program.inference, *program._backward.values()]
         return [r for p in programs for r in compile_program(p, target, outdir, env)]
-    from .families import family
-
     from ..ir.types import symbol
+    from .families import family
 
     capability = parse_target(target)
     sym_env = {symbol(k): v for k, v in env.items()}
-    reports = []
+    plans = [p for p in program.plans if p.source]
+    jobs = []
+    for plan in plans:
+        spec = family(plan.family).aot(plan, program.graph)
+        signature, constexprs = spec[0], spec[1]
+        options = spec[2] if len(spec) > 2 else {}  # num_warps, num_stages of the GPU config
+        jobs.append({"source": plan.source, "name": plan.name, "signature": signature,
+                     "constexprs": constexprs, "options": options})
+    results = compile_many(jobs, capability)
     workdir = outdir if outdir is not None else Path(_tmpdir())
-    for plan in program.plans:
-        if not plan.source:
-            continue
-        fam = family(plan.family)
-        signature, constexprs = fam.aot(plan, program.graph)
-        compiled = compile_kernel(plan.source, plan.name, signature, constexprs, capability)
+    reports = []
+    for plan, result in zip(plans, results):
         if outdir is not None:
-            (outdir / f"{plan.name}.ptx").write_text(compiled.asm["ptx"])
-            (outdir / f"{plan.name}.cubin").write_bytes(compiled.asm["cubin"])
-        registers, spills = resource_usage(compiled.asm["cubin"], plan.name, workdir)
-        flops, nbytes = fam.cost(plan, program.graph, sym_env)
+            (outdir / f"{plan.name}.ptx").write_text(result["ptx"])
+            (outdir / f"{plan.name}.cubin").write_bytes(result["cubin"])
+        registers, spills = resource_usage(result["cubin"], plan.name, workdir)
+        flops, nbytes = family(plan.family).cost(plan, program.graph, sym_env)
         reports.append(KernelReport(plan.name, plan.direction, plan.family, registers, spills,
-                                    int(compiled.metadata.shared), int(flops), int(nbytes)))
+                                    result["shared"], int(flops), int(nbytes)))
     return reports
 
 

@@ -57,6 +57,16 @@ def interpret_default() -> bool:
         return True
 
 
+def library_interpreted() -> bool:
+    """Whether this process imported Triton's own library (tl.sum, ...) in
+    interpreter mode: then kernels can only be interpreted here, and compiling
+    one ahead of time needs another process."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(tl.sum, JITFunction)
+
+
 def load_module(source: str, interpret: bool | None = None):
     """Import generated source as a module; cached per (source, mode)."""
     interpret = interpret_default() if interpret is None else interpret

@@ -42,8 +42,10 @@ class Family:
         """Run the kernel: `params` and `attrs` are keyed by IR node id."""
         raise AssertionError(f"family {self.name} must define launch()")
 
-    def aot(self, plan: KernelPlan, graph: Graph) -> tuple[dict, dict]:
-        """(signature, constexprs) of a representative specialization for triton.compile."""
+    def aot(self, plan: KernelPlan, graph: Graph) -> tuple:
+        """(signature, constexprs) of a representative specialization for
+        triton.compile, optionally with a third item: launch options
+        ({"num_warps": ..., "num_stages": ...}) of the GPU config."""
         raise AssertionError(f"family {self.name} must define aot()")
 
     def cost(self, plan: KernelPlan, graph: Graph, env: dict) -> tuple[int, int]:

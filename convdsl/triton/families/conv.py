@@ -31,7 +31,7 @@ from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
 
 DIMS = {1: ("w",), 2: ("h", "w"), 3: ("d", "h", "w")}  # spatial dim letters, outermost first
 TORCH_DTYPE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-SHARED_LIMIT = 99 * 1024  # shared memory a tile may pipeline: fits sm_80 through sm_90 (and sm_86/89)
+SHARED_LIMIT = 99 * 1024  # shared memory a tile may pipeline: fits sm_80, sm_86/89 and sm_90
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,9 @@ CONV_TILES = (
     Tile(128, 128, 64, num_warps=8, num_stages=3),  # f16/bf16 ResNet-style layers, channels-last
     Tile(128, 128, 32, num_warps=8, num_stages=3),  # f32 (tf32)
 )
+# Connection tables (a gathered [BLOCK_K, BLOCK_N] membership tile) and 3-D
+# convs (three position vectors per row) need more registers per row: fewer rows.
+NARROW_TILES = (Tile(32, 64, 32, num_warps=4, num_stages=3),)
 # The interpreter runs one program at a time in numpy: fewer, larger programs
 # are faster, and tl.dot needs every dim >= 16.
 CONV_CPU_TILE = Tile(64, 32, 32, num_warps=1, num_stages=1)
@@ -120,10 +123,11 @@ def packed_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 
 def output_format(x: torch.Tensor) -> torch.memory_format:
     """Keep a channels-last input's layout for the output, as PyTorch's conv does."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last_3d):
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
 
@@ -150,6 +154,16 @@ def table_connections(table) -> int:
     return sum(len(row) for row in table)
 
 
+def geometry(attrs) -> dict:
+    """The layer's constexpr geometry: KERNEL_H, CONV_STRIDE_H, DILATION_H, ... per dim."""
+    found = {}
+    for d, k, s, r in zip(DIMS[len(attrs["kernel"])], attrs["kernel"], attrs["stride"],
+                          attrs["dilation"]):
+        found.update({f"KERNEL_{d.upper()}": k, f"CONV_STRIDE_{d.upper()}": s,
+                      f"DILATION_{d.upper()}": r})
+    return found
+
+
 def _numel(ttype, env) -> int:
     return math.prod(evaluate(d, env) for d in ttype.shape)
 
@@ -157,11 +171,13 @@ def _numel(ttype, env) -> int:
 class Conv(Family):
     name = "conv"
     tiles = CONV_TILES
+    narrow_tiles = NARROW_TILES
     cpu_tile = CONV_CPU_TILE
     pack_weights = {"cpu": False, "gpu": True}  # re-lay weights out (see packed_conv_weight)
 
     def __init__(self):
-        self._tables: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (table, BLOCK_N, device) → blocks
+        # (table, C_in, BLOCK_N, device) → table_blocks(...), built once
+        self._tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._weights = WeightCache()
 
     # -- planning ------------------------------------------------------------------------
@@ -182,10 +198,11 @@ class Conv(Family):
                           (ValueRef(node.id, 0),), meta={"rank": rank, "dtype": x.dtype})
 
     # -- running -------------------------------------------------------------------------
-    def tile(self, x: torch.Tensor, w_itemsize: int) -> Tile:
-        if x.device.type == "cpu":
+    def tile(self, device: str, attrs, x_itemsize: int, w_itemsize: int) -> Tile:
+        if device == "cpu":
             return self.cpu_tile
-        return pick_tile(self.tiles, x.element_size(), w_itemsize)
+        narrow = attrs["table"] is not None or len(attrs["kernel"]) == 3
+        return pick_tile(self.narrow_tiles if narrow else self.tiles, x_itemsize, w_itemsize)
 
     def launch(self, plan, kernel, inputs, params, attrs):
         # Check inputs.
@@ -206,7 +223,7 @@ class Conv(Family):
         weight = p["weight"].detach()
         if self.pack_weights[device]:
             weight = self._weights.get(weight, x.dtype, lambda w: packed_conv_weight(w, x.dtype))
-        tile = self.tile(x, weight.element_size())
+        tile = self.tile(device, a, x.element_size(), weight.element_size())
 
         # Allocate the output.
         y = torch.empty((batch, c_out_total) + out_sizes, device=x.device, dtype=x.dtype,
@@ -228,16 +245,12 @@ class Conv(Family):
             extra_strides = list(blocks[2].stride())
         pointers.append(y)
         location = [math.prod(out_sizes)] if a["bias"] == "location" else []
-        geometry = {}
-        for d, k, s, r in zip(DIMS[rank], a["kernel"], a["stride"], a["dilation"]):
-            geometry.update({f"KERNEL_{d.upper()}": k, f"CONV_STRIDE_{d.upper()}": s,
-                             f"DILATION_{d.upper()}": r})
         options = tile.launch_options() if device == "gpu" else {}
         kernel[grid](
             *pointers,
             batch, c_in, c_out, *sizes, *out_sizes, *location, *(before for before, _ in pads),
             *x.stride(), *weight.stride(), *y.stride(), *extra_strides,
-            **geometry, FLIP=bool(a["flip"]),
+            **geometry(a), FLIP=bool(a["flip"]),
             BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K,
             INPUT_PRECISION=input_precision(x.dtype, torch.backends.cudnn.allow_tf32),
             DOT_FP32=dot_in_fp32(x), INDEX_64=needs_int64(x, weight, y), **options)
@@ -258,7 +271,7 @@ class Conv(Family):
         pointer = POINTER[dtype]
         # A GPU launch packs the weight in the input's dtype (pack_weights["gpu"]).
         w_itemsize = ITEMSIZE[dtype] if self.pack_weights["gpu"] else 4
-        tile = pick_tile(self.tiles, ITEMSIZE[dtype], w_itemsize)
+        tile = self.tile("gpu", a, ITEMSIZE[dtype], w_itemsize)
         sig = {"x_ptr": pointer, "w_ptr": pointer if self.pack_weights["gpu"] else "*fp32"}
         if a["bias"] != "none":
             sig["bias_ptr"] = "*fp32"
@@ -275,10 +288,7 @@ class Conv(Family):
         if a["table"] is not None:
             ints += ["stride_mo", "stride_mc"]
         sig.update({i: "i32" for i in ints})
-        constexprs = {}
-        for d, k, s, r in zip(dims, a["kernel"], a["stride"], a["dilation"]):
-            constexprs.update({f"KERNEL_{d.upper()}": k, f"CONV_STRIDE_{d.upper()}": s,
-                               f"DILATION_{d.upper()}": r})
+        constexprs = geometry(a)
         constexprs.update({"FLIP": bool(a["flip"]), "BLOCK_M": tile.BLOCK_M,
                            "BLOCK_N": tile.BLOCK_N, "BLOCK_K": tile.BLOCK_K,
                            "INPUT_PRECISION": input_precision(TORCH_DTYPE[dtype],

@@ -16,9 +16,11 @@ from .base import ITEMSIZE, Family, KernelPlan, needs_int64
 from .depthwise import (
     STRIDES_X,
     STRIDES_Y,
+    TORCH_DTYPE,
     Arguments,
     bias_args,
     bias_value,
+    dot_options,
     ints,
     numel,
     pad3,
@@ -70,11 +72,11 @@ class Deconv(Family):
                          + ints(*STRIDES_X) + ints(*STRIDES_Y))
 
     @staticmethod
-    def constexprs(meta, block, index_64: bool) -> dict:
+    def constexprs(meta, block, index_64: bool, dot: dict) -> dict:
         (kd, kh, kw), (sd, sh, sw), (dd, dh, dw) = meta["kernel"], meta["stride"], meta["dilation"]
         return {"KD": kd, "KH": kh, "KW": kw, "SD": sd, "SH": sh, "SW": sw,
                 "DIL_D": dd, "DIL_H": dh, "DIL_W": dw,
-                "BLOCK_M": block[0], "BLOCK_N": block[1], "BLOCK_K": block[2],
+                "BLOCK_M": block[0], "BLOCK_N": block[1], "BLOCK_K": block[2], **dot,
                 "INDEX_64": index_64}
 
     def launch(self, plan, kernel, inputs, params, attrs):
@@ -111,12 +113,14 @@ class Deconv(Family):
         # grid: one program per (stride phase, output-channel block, row block)
         grid = (math.prod(phases) * triton.cdiv(c_out, block[1]) * triton.cdiv(rows, block[0]),)
         kernel[grid](*self.arguments(meta).values(values),
-                     **self.constexprs(meta, block, needs_int64(x, y)))
+                     **self.constexprs(meta, block, needs_int64(x, y),
+                                     dot_options(x.device.type, x.dtype)))
         return [y]
 
     def aot(self, plan, graph):
         dtype = graph.type_of(plan.inputs[0]).dtype
-        constexprs = self.constexprs(plan.meta, self.CONFIGS["gpu"][0], False)
+        constexprs = self.constexprs(plan.meta, self.CONFIGS["gpu"][0], False,
+                                    dot_options("cuda", TORCH_DTYPE[dtype]))
         return self.arguments(plan.meta).signature(dtype, constexprs), constexprs
 
     def cost(self, plan, graph, env):

@@ -96,5 +96,6 @@ class Dense(Family):
         rows = _numel(x, env) // features
         bias = c_out if node.attrs["bias"] != "none" else 0
         flops = 2 * rows * features * c_out
-        nbytes = (_numel(x, env) + _numel(y, env)) * ITEMSIZE[x.dtype] + (features * c_out + bias) * 4
+        nbytes = ((_numel(x, env) + _numel(y, env)) * ITEMSIZE[x.dtype]
+                  + (features * c_out + bias) * 4)
         return flops, nbytes

@@ -63,6 +63,19 @@ def param_numel(graph, node, role: str) -> int:
     return math.prod(graph.params[name].shape) if name is not None else 0
 
 
+def dot_options(device: str, dtype: torch.dtype) -> dict:
+    """How a kernel's tl.dot multiplies. fp32 operands: TF32 on a GPU when
+    PyTorch's convolutions may use it (cudnn.allow_tf32), else exact. 16-bit
+    operands run in fp32 under the interpreter, whose bf16 tl.dot is unreliable
+    (exact: the products of 16-bit values fit fp32, and the sum is fp32 anyway)."""
+    tf32 = device != "cpu" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    return {"INPUT_PRECISION": "tf32" if tf32 else "ieee",
+            "DOT_FP32": device == "cpu" and dtype != torch.float32}
+
+
+TORCH_DTYPE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
 def target(t: torch.Tensor) -> str:
     """Which tile table applies: the interpreter ("cpu") or a GPU."""
     return "cpu" if t.device.type == "cpu" else "gpu"

@@ -18,10 +18,12 @@ from .base import ITEMSIZE, Family, KernelPlan, needs_int64
 from .depthwise import (
     STRIDES_X,
     STRIDES_Y,
+    TORCH_DTYPE,
     Arguments,
     bias_args,
     bias_value,
     concrete_pads,
+    dot_options,
     ints,
     numel,
     pad3,
@@ -68,10 +70,10 @@ class Local(Family):
                          + ints(*STRIDES_X) + ints(*STRIDES_Y))
 
     @staticmethod
-    def constexprs(meta, block, index_64: bool) -> dict:
+    def constexprs(meta, block, index_64: bool, dot: dict) -> dict:
         (kd, kh, kw), (sd, sh, sw) = meta["kernel"], meta["stride"]
         return {"KD": kd, "KH": kh, "KW": kw, "SD": sd, "SH": sh, "SW": sw,
-                "BLOCK_M": block[0], "BLOCK_N": block[1], "BLOCK_K": block[2],
+                "BLOCK_M": block[0], "BLOCK_N": block[1], "BLOCK_K": block[2], **dot,
                 "INDEX_64": index_64}
 
     def classes(self, attrs, weight, out_spatial, c_out, reduction):
@@ -114,12 +116,14 @@ class Local(Family):
         # grid: one program per (class, output-channel block, row block)
         grid = (math.prod(tiles) * triton.cdiv(c_out, block[1]) * triton.cdiv(rows, block[0]),)
         kernel[grid](*self.arguments(meta).values(values),
-                     **self.constexprs(meta, block, needs_int64(x, y, weight)))
+                     **self.constexprs(meta, block, needs_int64(x, y, weight),
+                                     dot_options(x.device.type, x.dtype)))
         return [y]
 
     def aot(self, plan, graph):
         dtype = graph.type_of(plan.inputs[0]).dtype
-        constexprs = self.constexprs(plan.meta, self.CONFIGS["gpu"][0], False)
+        constexprs = self.constexprs(plan.meta, self.CONFIGS["gpu"][0], False,
+                                    dot_options("cuda", TORCH_DTYPE[dtype]))
         return self.arguments(plan.meta).signature(dtype, constexprs), constexprs
 
     def cost(self, plan, graph, env):

@@ -80,8 +80,8 @@ def _tap_expressions(dims: list[str]) -> list[str]:
     """Per dim, its tap offset from the flat tap index t (row-major over the window)."""
     exprs = []
     for i, d in enumerate(dims):
-        later = [f"K_{e.upper()}" for e in dims[i + 1:]]
-        expr = "t" if not later else f"t // {later[0]}" if len(later) == 1 else f"t // ({' * '.join(later)})"
+        later = " * ".join(f"K_{e.upper()}" for e in dims[i + 1:])
+        expr = "t" if not later else f"t // {later}" if "*" not in later else f"t // ({later})"
         if i > 0:
             expr = f"{expr} % K_{d.upper()}"
         exprs.append(expr)
@@ -126,7 +126,8 @@ class Pool(Family):
                 params["CENTRE"] = [float_literal((k - 1) / 2) for k in window]
                 params["HALF"] = [float_literal(h) for h in half]
                 params["NEAR2"] = float_literal(sum(h * h for h in half))
-                params["clipped"] = isinstance(a["pad"], str) or any(any(p) for p in a["pad"])
+                pad = a["pad"]
+                params["clipped"] = pad == "same" if isinstance(pad, str) else any(map(any, pad))
         name = safe_name("pool", kind, "adaptive" if adaptive else "", node.id)
         source = module_source(render("pool.py.jinja", name=name, **params))
         meta = {"kind": kind, "rank": rank, "adaptive": adaptive,
@@ -163,9 +164,10 @@ class Pool(Family):
         # grid and launch
         config = pick_config(CONFIGS, x)
         grid = (triton.cdiv(out.numel(), config["BLOCK"]),)
+        windows = {f"K_{d.upper()}": k for d, k in zip(_dims(len(sizes)), taps)}
         kernel[grid](x, out, out.numel(), c, *sizes, *out_sizes, *geometry, *x.stride(),
-                     *out.stride(), **{f"K_{d.upper()}": k for d, k in zip(_dims(len(sizes)), taps)},
-                     **strides, C_INNER=c_inner, INDEX_64=needs_int64(x, out), **config)
+                     *out.stride(), **windows, **strides, C_INNER=c_inner,
+                     INDEX_64=needs_int64(x, out), **config)
         return [out]
 
     def aot(self, plan, graph):
@@ -240,7 +242,7 @@ class Maxout(Family):
         return [out]
 
     def aot(self, plan, graph):
-        dims = _dims(plan.meta["rank"]) if plan.meta["rank"] else []
+        dims = _dims(plan.meta["rank"])
         pointer = POINTER[graph.type_of(plan.inputs[0]).dtype]
         names = (["n_out", "G"] + [d.upper() for d in dims]
                  + ["stride_xn", "stride_xc"] + [f"stride_x{d}" for d in dims]

@@ -11,7 +11,7 @@ from ...ir import ValueRef
 from ...ir.types import evaluate, static_value
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
-from .pool import numel
+from .pool import numel, pick_config
 
 # Block configs, best first (the GPU takes the first; autotuning comes later).
 # TILE: elements per program; MAX_BLOCK_L: the longest axis done in one pass;
@@ -66,7 +66,7 @@ class Softmax(Family):
         if x.numel() == 0:
             return [out]
         # grid and launch
-        config = dict(CONFIGS["cpu" if x.device.type == "cpu" else "gpu"][0])
+        config = pick_config(CONFIGS, x)
         n_rows = x.numel() // x.shape[axis]
         meta = blocks(config, x.shape[axis], n_rows)
         inner = axis_inner(x, axis)

@@ -1,0 +1,283 @@
+"""Input gradients of spatial pooling (`_pool_dx`) and maxout (`_maxout_dx`).
+
+Pooling's gradient is a gather: every lane computes one element of dx and
+sums over the output windows that contain that input, so no two lanes write
+the same address and no atomics are needed. Along a dim, the windows holding
+input i are a short contiguous run of outputs: for a window K with stride S
+the at most ceil(K / S) outputs ending at floor((i + pad) / S); for adaptive
+cells [floor(o·m/a), ceil((o+1)·m/a)) those from floor(i·a/m) on (at most
+ceil(a/m) + 1 of them). Per window the input's share of dy is
+
+* max  — all of it if the input is the window's argmax, recomputed from x in
+  PyTorch's scan order (ties go to the first maximal input, NaNs to the last,
+  an all -inf window to its first real input: F.max_pool*d's gradient);
+* avg  — 1 / the number of real inputs in the window;
+* lp   — sign(x)·(|x| / y)^(p−1), with the window's value y recomputed from x
+  (0 for an all-zero window);
+* wavg — the input's normalised Gaussian weight in that window (a product of
+  per-dim weights, since the real taps of a window form a box).
+
+Maxout's gradient works per group instead: one lane finds a group's argmax
+channel (the first maximal, as torch.max's index) and writes all its dx
+elements, dy at the argmax and 0 at the others.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import triton
+
+from ...ir import ValueRef
+from ...ir.types import evaluate, static_value
+from ...ops.spatial import resolve_pads
+from ..codegen import module_source, render, safe_name
+from .base import ITEMSIZE, POINTER, Family, KernelPlan, float_literal, needs_int64
+from .pool import DIMS, cell_bounds, channels_inner, empty_output, longest_cell, numel, pick_config
+
+# Block configs, best first. The GPU takes the first (autotuning comes later):
+# two elements a thread, as each walks several windows (and rescans each for
+# max / lp). The interpreter runs faster with fewer, bigger programs.
+CONFIGS = {
+    "gpu": [{"BLOCK": 256, "num_warps": 4}, {"BLOCK": 512, "num_warps": 4},
+            {"BLOCK": 1024, "num_warps": 8}],
+    "cpu": [{"BLOCK": 4096, "num_warps": 4}],
+}
+MAXOUT_CONFIGS = {
+    "gpu": [{"BLOCK": 512, "num_warps": 4}, {"BLOCK": 1024, "num_warps": 4}],
+    "cpu": [{"BLOCK": 4096, "num_warps": 4}],
+}
+UNROLL = 64  # fixed loops of at most this many iterations (nested: in total) unroll
+
+# FLOPs per (input, window) pair by kind, and per tap for the kinds that rescan a window
+_WINDOW_FLOPS = {"max": 2, "avg": 2, "lp": 6, "wavg": 8}
+_TAP_FLOPS = {"max": 2, "avg": 0, "lp": 2, "wavg": 0}
+# The AOT specialization of adaptive cells when the input size is symbolic.
+_AOT_CELL, _AOT_CELLS_PER_INPUT = 4, 2
+
+
+def _dims(rank: int) -> list[str]:
+    return list(DIMS[3 - rank:])
+
+
+def _unflatten(index: str, counts: list[str]) -> list[str]:
+    """Per dim, its coordinate in the flat row-major `index` over `counts`."""
+    exprs = []
+    for i, count in enumerate(counts):
+        later = counts[i + 1:]
+        expr = index if not later else f"{index} // ({' * '.join(later)})"
+        if i > 0:
+            expr = f"{expr} % {count}"
+        exprs.append(expr)
+    return exprs
+
+
+@functools.lru_cache(maxsize=256)
+def cells_per_input(m: int, a: int) -> int:
+    """The most adaptive cells (of `a` over `m` inputs) that hold one input:
+    input i lies in cells floor(i·a/m) .. ceil((i+1)·a/m) − 1."""
+    return max(-(-(i + 1) * a // m) - i * a // m for i in range(m))
+
+
+def _wavg_params(window, sigma: float, clipped: bool) -> dict:
+    """Compile-time constants of Gaussian weights over fixed windows (pool.py's forms)."""
+    wscale = 1.0 / (2.0 * sigma**2 * math.log(2.0))  # exp(-d²/2σ²) = exp2(-d² · wscale)
+    centre = [(k - 1) / 2 for k in window]
+    half = [0.5 if k % 2 == 0 else 0.0 for k in window]
+    inv_norm = [1.0 / sum(2.0 ** ((h * h - (u - c) ** 2) * wscale) for u in range(k))
+                for k, c, h in zip(window, centre, half)]
+    return {"WSCALE": float_literal(wscale), "CENTRE": [float_literal(c) for c in centre],
+            "HALF": [float_literal(h) for h in half],
+            "NEAR2": [float_literal(h * h) for h in half],
+            "INV_NORM": [float_literal(v) for v in inv_norm], "clipped": clipped}
+
+
+class PoolDx(Family):
+    name = "pool_dx"
+
+    def plan(self, graph, nodes) -> KernelPlan:
+        (node,) = nodes
+        f = node.attrs["fattrs"]
+        kind, adaptive = f["kind"], "output" in f
+        rank = len(node.attrs["input_type"][1]) - 2
+        dims = _dims(rank)
+        scans = kind in ("max", "lp")  # rescans each window it visits
+        params = {"kind": kind, "dims": dims, "adaptive": adaptive, "reads_x": scans,
+                  "cands": _unflatten("q", [f"NO_{d.upper()}" for d in dims]),
+                  "n_cands": " * ".join(f"NO_{d.upper()}" for d in dims),
+                  "taps": _unflatten("t", [f"K_{d.upper()}" for d in dims]),
+                  "n_taps": " * ".join(f"K_{d.upper()}" for d in dims),
+                  "unroll_cands": False, "unroll_taps": False, "unroll_norm": False,
+                  "p_mode": "none", "P": "2.0", "PM1": "1.0", "clipped": False,
+                  "CENTRE": ["0.0"] * rank, "HALF": ["0.0"] * rank, "NEAR2": ["0.0"] * rank,
+                  "INV_NORM": ["1.0"] * rank, "WSCALE": "1.0"}
+        if kind == "lp":
+            p = float(f["p"])
+            params.update(p_mode={2.0: "two", 1.0: "one"}.get(p, "general"),
+                          P=float_literal(p), PM1=float_literal(p - 1.0))
+        if kind == "wavg":
+            params["WSCALE"] = float_literal(1.0 / (2.0 * f["sigma"] ** 2 * math.log(2.0)))
+        if not adaptive:
+            window, stride = f["window"], f["stride"]
+            taps = math.prod(window)
+            cands = math.prod(-(-k // s) for k, s in zip(window, stride))
+            params.update(unroll_taps=taps <= UNROLL, unroll_norm=max(window) <= UNROLL,
+                          unroll_cands=cands * (taps if scans else 1) <= UNROLL)
+            if kind == "wavg":
+                pad = f["pad"]
+                clipped = pad == "same" if isinstance(pad, str) else any(map(any, pad))
+                params.update(_wavg_params(window, f["sigma"], clipped))
+        name = safe_name("pool", kind, "adaptive" if adaptive else "", "dx", node.id)
+        source = module_source(render("pool_grad.py.jinja", name=name, **params))
+        meta = {"kind": kind, "rank": rank, "adaptive": adaptive, "reads_x": scans,
+                "window": tuple(f.get("window") or ()), "stride": tuple(f.get("stride") or ()),
+                "output": tuple(f.get("output") or ())}
+        return KernelPlan(name, self.name, source, (node.id,), tuple(node.inputs),
+                          (ValueRef(node.id, 0),), meta=meta, direction="backward")
+
+    def _geometry(self, meta: dict, fattrs: dict, sizes: tuple) -> tuple[list, dict]:
+        """(pads before each dim, the constexprs K_*, S_*, NO_*) at input sizes `sizes`."""
+        dims = _dims(meta["rank"])
+        if meta["adaptive"]:
+            out = meta["output"]
+            return [], {**{f"K_{d.upper()}": longest_cell(m, a) for d, m, a in zip(dims, sizes, out)},
+                        **{f"NO_{d.upper()}": cells_per_input(m, a)
+                           for d, m, a in zip(dims, sizes, out)}}
+        window, stride = meta["window"], meta["stride"]
+        pads = resolve_pads(fattrs["pad"], sizes, window, stride)
+        constexprs = {}
+        for d, k, s in zip(dims, window, stride):
+            constexprs.update({f"K_{d.upper()}": k, f"S_{d.upper()}": s,
+                               f"NO_{d.upper()}": -(-k // s)})
+        return [int(b) for b, _ in pads], constexprs
+
+    def launch(self, plan, kernel, inputs, params, attrs):
+        # check inputs
+        meta = plan.meta
+        dy = inputs[0]
+        x = inputs[1] if meta["reads_x"] else None
+        (a,) = attrs.values()
+        shape = tuple(int(s) for s in a["input_type"][1])
+        sizes, out_sizes = shape[2:], tuple(dy.shape[2:])
+        assert len(sizes) == meta["rank"] == dy.dim() - 2, (shape, dy.shape, meta)
+        assert x is None or tuple(x.shape) == shape, (x.shape, shape)
+        pads, constexprs = self._geometry(meta, a["fattrs"], sizes)
+        # allocate dx (dy's dtype) in the layout of x, or of dy when x is not read
+        c_inner = channels_inner(x if x is not None else dy)
+        dx = empty_output(dy, shape, c_inner)
+        if dx.numel() == 0:
+            return [dx]
+        # grid and launch
+        config = pick_config(CONFIGS, dy)
+        grid = (triton.cdiv(dx.numel(), config["BLOCK"]),)
+        operands = [dy] + ([x] if x is not None else []) + [dx]
+        strides = [*dy.stride(), *(x.stride() if x is not None else ()), *dx.stride()]
+        kernel[grid](*operands, dx.numel(), shape[1], *sizes, *out_sizes, *pads, *strides,
+                     **constexprs, C_INNER=c_inner, INDEX_64=needs_int64(*operands), **config)
+        return [dx]
+
+    def aot(self, plan, graph):
+        meta = plan.meta
+        dims = _dims(meta["rank"])
+        dy_type = graph.type_of(plan.inputs[0])
+        tensors = ["dy"] + (["x"] if meta["reads_x"] else []) + ["dx"]
+        names = ["n_in", "C"] + [d.upper() for d in dims] + [f"O{d.upper()}" for d in dims]
+        if not meta["adaptive"]:
+            names += [f"pad_{d}" for d in dims]
+        for t in tensors:
+            names += [f"stride_{t}n", f"stride_{t}c"] + [f"stride_{t}{d}" for d in dims]
+        signature = {f"{t}_ptr": POINTER[dy_type.dtype] for t in tensors}
+        if meta["reads_x"]:
+            signature["x_ptr"] = POINTER[graph.type_of(plan.inputs[1]).dtype]
+        signature.update({name: "i32" for name in names})
+        # Contiguous tensors: the innermost strides are 1, as the JIT specializes.
+        constexprs = {f"stride_{t}{dims[-1]}": 1 for t in tensors}
+        if meta["adaptive"]:
+            for d, m, a in zip(dims, graph.type_of(plan.outputs[0]).shape[2:], meta["output"]):
+                known = static_value(m)
+                constexprs[f"K_{d.upper()}"] = longest_cell(known, a) if known else _AOT_CELL
+                constexprs[f"NO_{d.upper()}"] = (cells_per_input(known, a) if known
+                                                 else _AOT_CELLS_PER_INPUT)
+        else:
+            constexprs.update(self._geometry(meta, {"pad": ((0, 0),) * len(dims)},
+                                             (1,) * len(dims))[1])
+        config = CONFIGS["gpu"][0]
+        constexprs.update(C_INNER=False, BLOCK=config["BLOCK"], INDEX_64=False)
+        signature.update({k: "constexpr" for k in constexprs})
+        return signature, constexprs
+
+    def cost(self, plan, graph, env):
+        meta = plan.meta
+        dy_type = graph.type_of(plan.inputs[0])
+        dx_type = graph.type_of(plan.outputs[0])
+        n_in, n_out = numel(dx_type, env), numel(dy_type, env)
+        if meta["adaptive"]:
+            sizes = [evaluate(d, env) for d in dx_type.shape[2:]]
+            # each (input, cell) pair: the number of pairs is the cells' total volume
+            planes = n_in // math.prod(sizes)
+            pairs = planes * math.prod(sum(e - s for s, e in cell_bounds(m, a))
+                                       for m, a in zip(sizes, meta["output"]))
+            taps = math.prod(longest_cell(m, a) for m, a in zip(sizes, meta["output"]))
+        else:
+            pairs = n_out * math.prod(meta["window"])
+            taps = math.prod(meta["window"])
+        flops = pairs * (_WINDOW_FLOPS[meta["kind"]] + taps * _TAP_FLOPS[meta["kind"]])
+        reads = n_out + (n_in if meta["reads_x"] else 0)  # dy (and x) once each, ideally
+        return flops, (reads + n_in) * ITEMSIZE[dy_type.dtype]
+
+
+class MaxoutDx(Family):
+    """dy [N, G, *s] and x [N, G·pieces, *s] → dx like x: dy to each group's argmax."""
+
+    name = "maxout_dx"
+
+    def plan(self, graph, nodes) -> KernelPlan:
+        (node,) = nodes
+        pieces = int(node.attrs["fattrs"]["pieces"])
+        dims = _dims(len(node.attrs["input_type"][1]) - 2)
+        name = safe_name("maxout", "dx", node.id)
+        source = module_source(render("maxout_grad.py.jinja", name=name, dims=dims,
+                                      unroll=pieces <= 16))
+        return KernelPlan(name, self.name, source, (node.id,), tuple(node.inputs),
+                          (ValueRef(node.id, 0),), meta={"rank": len(dims), "pieces": pieces},
+                          direction="backward")
+
+    def launch(self, plan, kernel, inputs, params, attrs):
+        # check inputs
+        dy, x = inputs
+        pieces = plan.meta["pieces"]
+        n, c, sizes = x.shape[0], x.shape[1], tuple(x.shape[2:])
+        assert c == dy.shape[1] * pieces and len(sizes) == plan.meta["rank"], (x.shape, dy.shape)
+        # allocate dx (dy's dtype) in x's layout
+        dx = empty_output(dy, tuple(x.shape), channels_inner(x))
+        if dx.numel() == 0:
+            return [dx]
+        # grid and launch
+        config = pick_config(MAXOUT_CONFIGS, dy)
+        grid = (triton.cdiv(dy.numel(), config["BLOCK"]),)
+        kernel[grid](dy, x, dx, dy.numel(), c // pieces, *sizes, *dy.stride(), *x.stride(),
+                     *dx.stride(), PIECES=pieces, C_INNER=channels_inner(x),
+                     INDEX_64=needs_int64(dy, x, dx), **config)
+        return [dx]
+
+    def aot(self, plan, graph):
+        dims = _dims(plan.meta["rank"])
+        dy_pointer = POINTER[graph.type_of(plan.inputs[0]).dtype]
+        names = ["n_out", "G"] + [d.upper() for d in dims]
+        for t in ("dy", "x", "dx"):
+            names += [f"stride_{t}n", f"stride_{t}c"] + [f"stride_{t}{d}" for d in dims]
+        signature = {"dy_ptr": dy_pointer, "x_ptr": POINTER[graph.type_of(plan.inputs[1]).dtype],
+                     "dx_ptr": dy_pointer, **{k: "i32" for k in names}}
+        inner = dims[-1] if dims else "c"
+        config = MAXOUT_CONFIGS["gpu"][0]
+        constexprs = {**{f"stride_{t}{inner}": 1 for t in ("dy", "x", "dx")},
+                      "PIECES": plan.meta["pieces"], "C_INNER": False, "BLOCK": config["BLOCK"],
+                      "INDEX_64": False}
+        signature.update({k: "constexpr" for k in constexprs})
+        return signature, constexprs
+
+    def cost(self, plan, graph, env):
+        dy_type = graph.type_of(plan.inputs[0])
+        n_out, n_in = numel(dy_type, env), numel(graph.type_of(plan.outputs[0]), env)
+        # compare per input, select per output; read dy and x, write dx
+        return 2 * n_in, (n_out + 2 * n_in) * ITEMSIZE[dy_type.dtype]
