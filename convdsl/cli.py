@@ -172,6 +172,7 @@ def cmd_compile(args) -> int:
             raise UsageError(str(err)) from None
     sizes = _parse_shape(args.shape)
     net = _compile_quiet(args.file, net=args.net, backend="triton")
+    net._program.programs(net)  # lower the training and backward kernels too
     outdir = Path(args.output)
     outdir.mkdir(parents=True, exist_ok=True)
     for stage in ("parsed", "optimized"):

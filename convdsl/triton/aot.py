@@ -102,34 +102,60 @@ def compile_many(jobs: list[dict], capability: int) -> list[dict]:
 def compile_program(program, target: str, outdir: Path | None, env: dict) -> list[KernelReport]:
     """Compile every kernel of a TritonProgram (or of a TritonNet's forward and
     backward programs); write PTX and cubin to `outdir`."""
-    if hasattr(program, "inference"):
-        programs = [program.inference, *program._backward.values()]
-        return [r for p in programs for r in compile_program(p, target, outdir, env)]
+    if hasattr(program, "inference"):  # a TritonNet: its programs, each kernel once
+        programs = [program.inference, *(
+            [program._training] if program._training is not None else []),
+            *program._backward.values()]
+        reports, seen = [], set()
+        for p in programs:
+            for report in compile_program(p, target, outdir, env):
+                if report.name not in seen:
+                    seen.add(report.name)
+                    reports.append(report)
+        return reports
     from ..ir.types import symbol
     from .families import family
 
     capability = parse_target(target)
     sym_env = {symbol(k): v for k, v in env.items()}
     plans = [p for p in program.plans if p.source]
-    jobs = []
+    jobs, owners = [], []
     for plan in plans:
-        spec = family(plan.family).aot(plan, program.graph)
-        signature, constexprs = spec[0], spec[1]
-        options = spec[2] if len(spec) > 2 else {}  # num_warps, num_stages of the GPU config
-        jobs.append({"source": plan.source, "name": plan.name, "signature": signature,
-                     "constexprs": constexprs, "options": options})
+        for job in plan_jobs(plan, program.graph):
+            jobs.append(job)
+            owners.append(plan)
     results = compile_many(jobs, capability)
     workdir = outdir if outdir is not None else Path(_tmpdir())
     reports = []
-    for plan, result in zip(plans, results):
+    for plan, job, result in zip(owners, jobs, results):
+        name = job["name"]
         if outdir is not None:
-            (outdir / f"{plan.name}.ptx").write_text(result["ptx"])
-            (outdir / f"{plan.name}.cubin").write_bytes(result["cubin"])
-        registers, spills = resource_usage(result["cubin"], plan.name, workdir)
-        flops, nbytes = family(plan.family).cost(plan, program.graph, sym_env)
-        reports.append(KernelReport(plan.name, plan.direction, plan.family, registers, spills,
+            (outdir / f"{name}.ptx").write_text(result["ptx"])
+            (outdir / f"{name}.cubin").write_bytes(result["cubin"])
+        registers, spills = resource_usage(result["cubin"], name, workdir)
+        # The plan's cost goes to its main kernel; helper kernels (a split-K sum) report 0.
+        flops, nbytes = family(plan.family).cost(plan, program.graph, sym_env) \
+            if name == plan.name else (0, 0)
+        reports.append(KernelReport(name, plan.direction, plan.family, registers, spills,
                                     result["shared"], int(flops), int(nbytes)))
     return reports
+
+
+def plan_jobs(plan, graph) -> list[dict]:
+    """The compile jobs of one plan: its kernel, and any helper kernels in the
+    same module (a family lists those with `aot_extra`)."""
+    from .families import family
+
+    fam = family(plan.family)
+    spec = fam.aot(plan, graph)
+    jobs = [{"source": plan.source, "name": plan.name, "signature": spec[0],
+             "constexprs": spec[1], "options": spec[2] if len(spec) > 2 else {}}]
+    extra = getattr(fam, "aot_extra", None)
+    for item in (extra(plan, graph) if extra else []):
+        name, signature, constexprs = item[:3]
+        jobs.append({"source": plan.source, "name": name, "signature": signature,
+                     "constexprs": constexprs, "options": item[3] if len(item) > 3 else {}})
+    return jobs
 
 
 def _tmpdir() -> str:

@@ -105,6 +105,17 @@ class TritonNet:
         return _NetFunction.apply(self, program, net, attrs_by_node, env, names, len(inputs),
                                   *inputs, *params)
 
+    def programs(self, net) -> list[TritonProgram]:
+        """Every program a training step can run: inference and training
+        forward kernels, and the backward kernels for the parameters."""
+        if any(p.trainable for p in self.graph.params.values()):
+            self.backward_program(net, ())
+            self.training(net)
+        found = [self.inference]
+        if self._training is not None:
+            found.append(self._training)
+        return found + list(self._backward.values())
+
     def sources(self) -> dict[str, str]:
         found = dict(self.inference.sources)
         if self._training is not None:

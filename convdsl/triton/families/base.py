@@ -48,6 +48,9 @@ class Family:
         ({"num_warps": ..., "num_stages": ...}) of the GPU config."""
         raise AssertionError(f"family {self.name} must define aot()")
 
+    # A family whose module holds helper kernels (a split-K sum) also defines
+    # aot_extra(plan, graph) -> [(name, signature, constexprs[, options])].
+
     def cost(self, plan: KernelPlan, graph: Graph, env: dict) -> tuple[int, int]:
         """Analytic (FLOPs, global-memory bytes) at concrete sizes `env`."""
         raise AssertionError(f"family {self.name} must define cost()")

@@ -101,6 +101,14 @@ def _pads(fattrs: dict, sizes) -> tuple[int, ...]:
     return tuple(int(before) for before, _ in pads)
 
 
+def _weight_numel(g: Geometry, channels: int) -> int:
+    """Values of the layer's weight roles (all factors of a separable kernel)."""
+    c_w = channels if g.table is not None else channels // g.groups
+    if g.separable:
+        return sum(g.out * c_w * k for k in g.kernel)
+    return g.out * c_w * g.taps
+
+
 def _transpose(table, channels: int) -> tuple[tuple[int, ...], ...]:
     """Per input channel, the output channels whose rows list it."""
     return tuple(tuple(o for o, row in enumerate(table) if c in row) for c in range(channels))
@@ -330,7 +338,10 @@ class ConvDx(Family):
         sig = args.signature(dtype, constexprs)
         if g.separable or direct or not self.pack_weights["gpu"]:
             sig.update({n: "*fp32" for n, k in args.items if k == "ptr:w"})
-        return sig, constexprs
+        return sig, constexprs, tile.launch_options()
+
+    def aot_extra(self, plan, graph) -> list[tuple[str, dict, dict]]:
+        return []  # one kernel per plan
 
     def cost(self, plan, graph, env):
         """A tl.dot FLOP count of the useful work: 2 per (dy element, tap, input
@@ -345,8 +356,7 @@ class ConvDx(Family):
         else:
             weights = g.out * (plan.meta["channels"] // g.groups) * g.taps
         flops = 2 * positions * weights
-        w_bytes = 4 * (sum(g.out * (weights // g.out // g.taps) * k for k in g.kernel)
-                       if g.separable else weights)
+        w_bytes = 4 * _weight_numel(g, plan.meta["channels"])
         return flops, (numel(dy, env) + numel(dx, env)) * ITEMSIZE[dx.dtype] + w_bytes
 
 
@@ -367,7 +377,7 @@ class ConvDw(Family):
     tiles = (Tile(64, 64, 32, num_warps=4, num_stages=3),)
     cpu_tile = Tile(32, 64, 64, num_warps=1, num_stages=1)
     # Direct (depthwise) kernel: ((out, tap) rows, reduction) per program.
-    DIRECT = {"gpu": [(32, 64)], "cpu": [(64, 256)]}
+    DIRECT = {"gpu": [(32, 32)], "cpu": [(64, 256)]}
     # Split-K: programs to aim for, and the fewest reduction steps per split.
     SPLIT = {"gpu": {"programs": GPU_PROGRAMS, "min_steps": 8},
              "cpu": {"programs": 1, "min_steps": 1}}
@@ -393,9 +403,9 @@ class ConvDw(Family):
         meta = {"rank": g.rank, "dtype": x.dtype, "direct": direct, "channels": channels}
         if g.separable:
             meta["factors"] = f"{name}_factors"
+            doc = "Gradients of the separable factors, from the full kernel gradient."
             kernels.append(render(TEMPLATE, kind="factors", name=meta["factors"],
-                                  factors=g.rank,
-                                  doc="Gradients of the separable factors, from the full kernel gradient."))
+                                  factors=g.rank, doc=doc))
         else:
             meta["sum"] = f"{name}_sum"
             kernels.append(_sum_kernel(meta["sum"], "the kernel gradient"))
@@ -531,7 +541,7 @@ class ConvDw(Family):
         dtype = plan.meta["dtype"]
         tile = self.tile(plan.meta["direct"], "gpu", ITEMSIZE[dtype])
         constexprs = self.constexprs(g, tile, TORCH_DTYPE[dtype], False, False)
-        return self.arguments(g).signature(dtype, constexprs), constexprs
+        return self.arguments(g).signature(dtype, constexprs), constexprs, tile.launch_options()
 
     def aot_extra(self, plan, graph) -> list[tuple[str, dict, dict]]:
         """The second kernel of the plan's module: (name, signature, constexprs)."""
@@ -556,8 +566,8 @@ class ConvDw(Family):
         else:
             weights = g.out * (plan.meta["channels"] // g.groups) * g.taps
         flops = 2 * positions * weights
-        nbytes = (numel(dy, env) + numel(x, env)) * ITEMSIZE[x.dtype] + 4 * weights
-        return flops, nbytes
+        grads = 4 * sum(math.prod(int(v) for v in shape) for shape in node.attrs["param_shapes"])
+        return flops, (numel(dy, env) + numel(x, env)) * ITEMSIZE[x.dtype] + grads
 
 
 # -- the bias gradient ----------------------------------------------------------------------
@@ -570,7 +580,7 @@ class BiasGrad(Family):
     # (BLOCK_R, BLOCK_K) per mode: channel and tiled reduce long rows of
     # positions, location reduces over the batch only.
     CONFIGS = {
-        "gpu": [{"channel": (16, 128), "location": (128, 8), "tiled": (16, 128)}],
+        "gpu": [{"channel": (16, 128), "location": (128, 8), "tiled": (16, 64)}],
         "cpu": [{"channel": (16, 1024), "location": (1024, 16), "tiled": (16, 1024)}],
     }
     SPLIT = {"gpu": {"programs": GPU_PROGRAMS, "min_steps": 4},

@@ -67,7 +67,8 @@ class Elementwise(Family):
         last = nodes[-1]
         # Intermediates the backward pass reads are stored too (extra outputs).
         kept = [_ref(n) for n in nodes[:-1] if _ref(n) in graph.saved_for_backward]
-        name = safe_name("elementwise", *[n.op for n in nodes][:4], last.id)
+        name = safe_name("elementwise", *[n.op for n in nodes][:4], last.id,
+                         "saving" if kept else "")  # the training variant is another kernel
         doc = "Fused elementwise chain: " + " -> ".join(n.op.lstrip("_") for n in nodes) + "."
         source = module_source(render("elementwise.py.jinja", name=name, n_inputs=len(inputs),
                                       steps=steps, result=steps[-1][0], doc=doc,
