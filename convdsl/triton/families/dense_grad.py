@@ -56,15 +56,17 @@ SPLIT_K = {"gpu": SplitK(min_k=512, max_k=1 << 16, programs=264),
 REDUCE_BLOCK = {"gpu": 1024, "cpu": 1 << 16}
 
 
-def reduce_name(plan: KernelPlan) -> str:
-    return plan.name + "_reduce"
+def reduce_name(kernel: str) -> str:
+    """The split-K reduction kernel beside GEMM kernel `kernel` in one module."""
+    return kernel + "_reduce"
 
 
-def reduce_source(name: str, what: str) -> str:
-    return render("grad_reduce.py.jinja", name=name, what=what)
+def reduce_source(kernel: str, what: str) -> str:
+    """The reduction kernel of GEMM kernel `kernel`; `what` names the gradient."""
+    return render("grad_reduce.py.jinja", name=reduce_name(kernel), what=what)
 
 
-def weight_gradient(plan: KernelPlan, shape, splits: int, device) -> tuple[torch.Tensor, ...]:
+def weight_gradient(shape, splits: int, device) -> tuple[torch.Tensor, ...]:
     """(the fp32 gradient in `shape`, the buffer the GEMM kernel writes: the
     gradient itself for one slice, else a [splits, numel] workspace)."""
     dw = torch.empty(tuple(shape), device=device, dtype=torch.float32)
@@ -77,7 +79,7 @@ def reduce_slices(plan: KernelPlan, workspace: torch.Tensor, dw: torch.Tensor) -
     """Sum the workspace's rows into dw with the plan's reduction kernel."""
     if workspace is dw:
         return
-    kernel = load_kernel(plan.source, reduce_name(plan))
+    kernel = load_kernel(plan.source, reduce_name(plan.name))
     block = REDUCE_BLOCK[target(dw)]
     n = dw.numel()
     kernel[(triton.cdiv(n, block),)](workspace, dw, n, workspace.shape[0], BLOCK=block,
@@ -89,7 +91,7 @@ def reduce_aot(plan: KernelPlan) -> tuple[str, dict, dict]:
     constexprs = {"BLOCK": REDUCE_BLOCK["gpu"], "INDEX_64": False}
     signature = {"ws_ptr": "*fp32", "out_ptr": "*fp32", "n_elements": "i32", "splits": "i32",
                  **{k: "constexpr" for k in constexprs}}
-    return reduce_name(plan), signature, constexprs
+    return reduce_name(plan.name), signature, constexprs
 
 
 def reduce_bytes(splits: int, elements: int) -> int:
@@ -141,7 +143,7 @@ class DenseDx(Family):
                f"{_features(graph, node)} -> {node.attrs['fattrs']['out']} features.")
         sources = [render("dense_grad.py.jinja", kind=self.kind, name=name, doc=doc)]
         if self.kind == "dw":
-            sources.append(reduce_source(name + "_reduce", "a dense weight gradient"))
+            sources.append(reduce_source(name, "a dense weight gradient"))
         outputs = tuple(ValueRef(node.id, i) for i in range(len(node.types)))
         return KernelPlan(name, self.name, module_source(*sources), (node.id,),
                           tuple(node.inputs), outputs, meta={"dtype": dy.dtype},
@@ -188,7 +190,8 @@ class DenseDx(Family):
 
     def aot(self, plan, graph):
         constexprs = self.constexprs(plan)
-        return self.arguments().signature(plan.meta["dtype"], constexprs), constexprs
+        return (self.arguments().signature(plan.meta["dtype"], constexprs), constexprs,
+                self.CONFIGS["gpu"][0].launch_options())
 
     def cost(self, plan, graph, env):
         node = graph.node(plan.nodes[0])
@@ -223,7 +226,7 @@ class DenseDw(DenseDx):
         tiles = triton.cdiv(c_out, bm) * triton.cdiv(features, bn)
         splits, per = self.split_k[device].slices(batch, tiles, bk)
         # Allocate the output (and the workspace of a split reduction).
-        dw, buffer = weight_gradient(plan, shape, splits, dy.device)
+        dw, buffer = weight_gradient(shape, splits, dy.device)
         # Grid and launch; then the reduction of the slices.
         grid = (triton.cdiv(c_out, bm), triton.cdiv(features, bn), splits)
         kernel[grid](dy, x, buffer, batch, features, c_out, per, *dy.stride(), *x.stride(),

@@ -57,9 +57,10 @@ class LocalDx(Family):
 
     name = "local_dx"
     kind = "dx"
-    # Tiles as data: GPU the first entry (what aot compiles); the interpreter's is
-    # clamped to the problem (tl.dot needs every dim >= 16).
-    CONFIGS = {"gpu": [Tile(64, 64, 32, num_warps=4, num_stages=3)],
+    # Tiles as data: GPU the first entry (what aot compiles; ~150 registers, no
+    # spills — 64 rows with BLOCK_K 32 spill), the interpreter's clamped to the
+    # problem (tl.dot needs every dim >= 16). A phase of `local` has N rows.
+    CONFIGS = {"gpu": [Tile(32, 64, 16, num_warps=4, num_stages=3)],
                "cpu": [Tile(128, 64, 64, num_warps=1, num_stages=1)]}
 
     def plan(self, graph, nodes) -> KernelPlan:
@@ -68,13 +69,13 @@ class LocalDx(Family):
         dy = graph.type_of(node.inputs[0])
         rank = dy.rank - 2
         name = safe_name(op, self.kind, weight_layer(node), node.id)
-        what = "Locally connected" if op == "local" else f"tiled ({'x'.join(map(str, a['tiles']))} tiles)"
+        what = "locally connected" if op == "local" else f"tiled ({'x'.join(map(str, a['tiles']))})"
         grad = "Input" if self.kind == "dx" else "Weight"
-        doc = (f"{grad} gradient of a {what.lower()} {rank}-D convolution, kernel "
+        doc = (f"{grad} gradient of a {what} {rank}-D convolution, kernel "
                f"{'x'.join(map(str, a['kernel']))}, stride {'x'.join(map(str, a['stride']))}.")
         sources = [render("local_grad.py.jinja", kind=self.kind, op=op, name=name, doc=doc)]
         if self.kind == "dw":
-            sources.append(reduce_source(name + "_reduce", f"the weight gradient of {op}"))
+            sources.append(reduce_source(name, f"the weight gradient of {op}"))
         meta = {"rank": rank, "op": op, "dtype": dy.dtype, "kernel": pad3(a["kernel"], 1),
                 "stride": pad3(a["stride"], 1)}
         outputs = tuple(ValueRef(node.id, i) for i in range(len(node.types)))
@@ -162,7 +163,8 @@ class LocalDx(Family):
         dtype = plan.meta["dtype"]
         constexprs = self.constexprs(plan.meta, (tile.BLOCK_M, tile.BLOCK_N, tile.BLOCK_K),
                                      TORCH_DTYPE[dtype], "gpu", False)
-        return self.arguments(plan.meta).signature(dtype, constexprs), constexprs
+        return (self.arguments(plan.meta).signature(dtype, constexprs), constexprs,
+                tile.launch_options())
 
     @staticmethod
     def sizes(graph, plan, env) -> tuple[int, int, int, int, int]:
@@ -193,7 +195,7 @@ class LocalDw(LocalDx):
 
     name = "local_dw"
     kind = "dw"
-    CONFIGS = {"gpu": [Tile(64, 64, 32, num_warps=4, num_stages=3)],
+    CONFIGS = {"gpu": [Tile(64, 64, 16, num_warps=4, num_stages=3)],  # BLOCK_K 32 spills
                "cpu": [Tile(64, 64, 64, num_warps=1, num_stages=1)]}
     split_k = SPLIT_K
 
@@ -228,7 +230,7 @@ class LocalDw(LocalDx):
                      * triton.cdiv(reduction, block[1]))
         splits, per = self.split_k[device].slices(rows, tiles_out, block[2])
         # Allocate the output (and the workspace of a split reduction).
-        dw, buffer = weight_gradient(plan, shape, splits, dy.device)
+        dw, buffer = weight_gradient(shape, splits, dy.device)
         values.update({"dy_ptr": dy, "x_ptr": x, "dw_ptr": buffer, "N": n, "C": c,
                        "D": d, "H": h, "W": w, "C_OUT": c_out, "OD": od, "OH": oh, "OW": ow,
                        **dict(zip(("J_D", "J_H", "J_W"), sub)),
