@@ -611,6 +611,8 @@ class BiasGrad(Family):
         # Check inputs.
         (dy,) = inputs
         dy = dy.detach()
+        if dy.dim() == 2:  # a dense layer's [N, out]: one position per sample
+            dy = dy.unsqueeze(-1)
         (node_id,) = plan.nodes
         a = attrs[node_id]
         mode = plan.meta["mode"]
