@@ -377,14 +377,7 @@ net A(x: f32[N, 3, 5, 4]) {
 }
 
 
-@pytest.mark.parametrize("which", [
-    "conv",
-    # The backward kernels are new (conv_grad.py): the bias gradient of dense's
-    # [N, F] output reaches the spatial bias reduction, which asserts 1-3 spatial dims.
-    pytest.param("conv-dense", marks=pytest.mark.xfail(
-        reason="conv_grad.py: dense bias gradient on a 2-D dy (spatial3 asserts rank >= 1)",
-        strict=False)),
-])
+@pytest.mark.parametrize("which", ["conv", "conv-dense"])
 def test_backward_matches_torch_backend(which):
     src = BACKWARD_NETS[which]
     tri = triton_net(src)
