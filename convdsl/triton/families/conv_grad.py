@@ -238,12 +238,19 @@ class ConvDx(Family):
             args.add("i32", "stride_mc", "stride_mo")
         return args
 
-    def tile(self, direct: bool, device: str, itemsize: int, w_itemsize: int) -> Tile:
+    # With a connection table the channel lists and membership masks take
+    # registers; the narrower tile keeps sm_80 from spilling.
+    table_tile = Tile(32, 64, 32, num_warps=4, num_stages=3)
+
+    def tile(self, direct: bool, device: str, itemsize: int, w_itemsize: int,
+             table: bool = False) -> Tile:
         if direct:
             m, n = self.DIRECT[device][0]
             return Tile(m, n, 1, num_warps=4, num_stages=1)
         if device == "cpu":
             return self.cpu_tile
+        if table:
+            return self.table_tile
         return pick_tile(self.tiles, itemsize, w_itemsize)
 
     def launch(self, plan, kernel, inputs, params, attrs):
@@ -282,7 +289,7 @@ class ConvDx(Family):
             values.update(zip(["stride_wo", "stride_wc"] + [f"stride_w{d}" for d in dims],
                               weight.stride()))
             w_itemsize = weight.element_size()
-        tile = self.tile(direct, device, dy.element_size(), w_itemsize)
+        tile = self.tile(direct, device, dy.element_size(), w_itemsize, g.table is not None)
         if g.table is not None:
             blocks = self._table_blocks(g.table, channels, tile.BLOCK_N, dy.device)
             values.update(zip(("block_start_ptr", "block_chan_ptr", "member_ptr"), blocks))
@@ -332,7 +339,7 @@ class ConvDx(Family):
         g = _geometry(node)
         dtype, direct = plan.meta["dtype"], plan.meta["direct"]
         w_itemsize = ITEMSIZE[dtype] if self.pack_weights["gpu"] else 4
-        tile = self.tile(direct, "gpu", ITEMSIZE[dtype], w_itemsize)
+        tile = self.tile(direct, "gpu", ITEMSIZE[dtype], w_itemsize, g.table is not None)
         constexprs = self.constexprs(g, tile, TORCH_DTYPE[dtype], False, False)
         args = self.arguments(g, direct)
         sig = args.signature(dtype, constexprs)
