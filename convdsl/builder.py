@@ -15,7 +15,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import sympy
 
 from . import ast
 from .errors import ConvDSLError, ConvDSLWarning, Span

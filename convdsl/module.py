@@ -6,7 +6,7 @@ from torch import nn
 
 from .checks import bind_inputs, check_layers
 from .errors import ConvDSLError, ConvDSLInputError
-from .ir import Graph, ValueRef
+from .ir import Graph
 from .ir.printer import FORMATS
 from .execute import run_graph
 from .ops.inits import initialize

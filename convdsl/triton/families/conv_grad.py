@@ -43,7 +43,7 @@ from .conv import (
     table_blocks,
     table_connections,
 )
-from .depthwise import numel, pad3, spatial3, target
+from .spatial import numel, pad3, spatial3, target
 
 TEMPLATE = "conv_grad.py.jinja"
 GPU_PROGRAMS = 4 * 132  # split-K aims for about this many programs (4 waves of an H100)

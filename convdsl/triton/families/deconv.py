@@ -13,7 +13,7 @@ from ...ir import ValueRef
 from ...ops.conv import deconv_crops, deconv_ranges
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, Family, KernelPlan, needs_int64
-from .depthwise import (
+from .spatial import (
     STRIDES_X,
     STRIDES_Y,
     TORCH_DTYPE,

@@ -31,7 +31,7 @@ from .dense_grad import (
     weight_gradient,
     weight_layer,
 )
-from .depthwise import Arguments, ints, numel, pad3, spatial3, target
+from .spatial import Arguments, ints, numel, pad3, spatial3, target
 
 STRIDES_DY = ("stride_dyn", "stride_dyc", "stride_dyd", "stride_dyh", "stride_dyw")
 STRIDES_DX = ("stride_dxn", "stride_dxc", "stride_dxd", "stride_dxh", "stride_dxw")

@@ -20,7 +20,7 @@ from ..codegen import module_source, render, safe_name
 from ..loader import load_kernel
 from .base import ITEMSIZE, Family, KernelPlan, needs_int64
 from .conv import TORCH_DTYPE, Tile, dot_in_fp32, input_precision
-from .depthwise import Arguments, ints, numel, pow2, target
+from .spatial import Arguments, ints, numel, pow2, target
 
 # -- shared by the weight gradients -----------------------------------------------------------
 

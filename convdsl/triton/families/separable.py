@@ -9,7 +9,7 @@ import triton
 from ...ir import ValueRef
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, Family, KernelPlan, needs_int64
-from .depthwise import (
+from .spatial import (
     STRIDES_X,
     STRIDES_Y,
     Arguments,

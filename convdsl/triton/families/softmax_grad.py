@@ -16,7 +16,7 @@ from ...ir import ValueRef
 from ...ir.types import evaluate, static_value
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
-from .pool import numel
+from .pool import numel, pick_config
 from .softmax import axis_inner, blocks
 
 # Block configs, best first (the GPU takes the first; autotuning comes later).
@@ -57,7 +57,7 @@ class SoftmaxDx(Family):
         if dx.numel() == 0:
             return [dx]
         # grid and launch
-        config = dict(CONFIGS["cpu" if dy.device.type == "cpu" else "gpu"][0])
+        config = pick_config(CONFIGS, dy)
         n_rows = dx.numel() // dx.shape[axis]
         meta = blocks(config, dx.shape[axis], n_rows)
         inner = axis_inner(dx, axis)
@@ -87,7 +87,7 @@ class SoftmaxDx(Family):
         constexprs = {**{f"stride_{t}{rank - 1}": 1 for t in ("dy", "y", "dx")}, **meta,
                       "AXIS_INNER": inner, "RED": 1 if inner else 0, "INDEX_64": False}
         signature.update({k: "constexpr" for k in constexprs})
-        return signature, constexprs
+        return signature, constexprs, {"num_warps": config["num_warps"]}
 
     def cost(self, plan, graph, env):
         dy_type = graph.type_of(plan.inputs[0])
