@@ -40,10 +40,28 @@ class TritonProgram:
             kernel = self._kernels[plan.name] = load_kernel(plan.source, plan.name)
         return kernel
 
+    def _last_uses(self) -> dict[int, list[ValueRef]]:
+        """Plan index → the values no later plan reads (outputs and saved
+        values excepted): run() drops them as soon as that plan is done."""
+        if getattr(self, "_drops", None) is None:
+            keep = set(self.graph.outputs) | set(self.graph.saved_for_backward)
+            last: dict[ValueRef, int] = {}
+            for index, plan in enumerate(self.plans):
+                for ref in plan.inputs:
+                    last[ref] = index
+            drops: dict[int, list[ValueRef]] = {}
+            for ref, index in last.items():
+                if ref not in keep:
+                    drops.setdefault(index, []).append(ref)
+            self._drops = drops
+        return self._drops
+
     def run(self, inputs: dict[int, torch.Tensor], attrs_by_node: dict, lookup) -> dict:
-        """Every plan in order; `inputs` by input node id, `lookup(name)` a parameter."""
+        """Every plan in order; `inputs` by input node id, `lookup(name)` a parameter.
+        Intermediate values are released right after their last reader."""
         values = {ValueRef(n, 0): v for n, v in inputs.items()}
-        for plan in self.plans:
+        drops = self._last_uses()
+        for index, plan in enumerate(self.plans):
             params: dict[int, dict] = {}
             for node_id in plan.nodes:
                 for role, name in self.graph.node(node_id).params.items():
@@ -53,10 +71,12 @@ class TritonProgram:
                                                  [values[r] for r in plan.inputs], params, attrs)
             for ref, value in zip(plan.outputs, outputs):
                 values[ref] = value
+            for ref in drops.get(index, ()):
+                values.pop(ref, None)
         return values
 
     def __getstate__(self):
-        return {**self.__dict__, "_kernels": {}}
+        return {**self.__dict__, "_kernels": {}, "_drops": None}
 
 
 class TritonNet:
