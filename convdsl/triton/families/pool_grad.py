@@ -33,21 +33,34 @@ from ...ir.types import evaluate, static_value
 from ...ops.spatial import resolve_pads
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, POINTER, Family, KernelPlan, float_literal, needs_int64
-from .pool import DIMS, cell_bounds, channels_inner, empty_output, longest_cell, numel, pick_config
+from .pool import (
+    DIMS,
+    cell_bounds,
+    channels_inner,
+    empty_output,
+    longest_cell,
+    numel,
+    pick_config,
+)
 
-# Block configs, best first. The GPU takes the first (autotuning comes later):
-# two elements a thread, as each walks several windows (and rescans each for
-# max / lp). The interpreter runs faster with fewer, bigger programs.
+# Block configs, best first. The GPU takes the first (autotuning comes later).
+# BLOCK: inputs per program; max and lp rescan each window as a [BLOCK, TBLOCK]
+# tile of taps, so for them BLOCK shrinks until the tile holds at most TILE
+# values: 4 a thread at num_warps=4 keeps a 3x3 or 3x3x3 window near 70
+# registers (a 2048 tile reaches 255 and spills). The interpreter runs faster
+# with fewer, bigger programs.
 CONFIGS = {
-    "gpu": [{"BLOCK": 256, "num_warps": 4}, {"BLOCK": 512, "num_warps": 4},
-            {"BLOCK": 1024, "num_warps": 8}],
-    "cpu": [{"BLOCK": 4096, "num_warps": 4}],
+    "gpu": [{"BLOCK": 256, "TILE": 512, "num_warps": 4},
+            {"BLOCK": 512, "TILE": 1024, "num_warps": 4},
+            {"BLOCK": 1024, "TILE": 2048, "num_warps": 8}],
+    "cpu": [{"BLOCK": 4096, "TILE": 1 << 17, "num_warps": 4}],
 }
 MAXOUT_CONFIGS = {
     "gpu": [{"BLOCK": 512, "num_warps": 4}, {"BLOCK": 1024, "num_warps": 4}],
     "cpu": [{"BLOCK": 4096, "num_warps": 4}],
 }
-UNROLL = 64  # fixed loops of at most this many iterations (nested: in total) unroll
+UNROLL = 16  # a fixed loop over at most this many candidate windows unrolls
+MAX_TAPS = 64  # windows of at most this many taps are one tile; longer ones go in chunks of it
 
 # FLOPs per (input, window) pair by kind, and per tap for the kinds that rescan a window
 _WINDOW_FLOPS = {"max": 2, "avg": 2, "lp": 6, "wavg": 8}
@@ -75,8 +88,12 @@ def _unflatten(index: str, counts: list[str]) -> list[str]:
 @functools.lru_cache(maxsize=256)
 def cells_per_input(m: int, a: int) -> int:
     """The most adaptive cells (of `a` over `m` inputs) that hold one input:
-    input i lies in cells floor(i·a/m) .. ceil((i+1)·a/m) − 1."""
-    return max(-(-(i + 1) * a // m) - i * a // m for i in range(m))
+    input i lies in cells floor(i·a/m) .. ceil((i+1)·a/m) − 1, a count periodic
+    in i with period m / gcd(m, a); past 2^16 inputs, its bound ceil(a/m) + 1."""
+    period = m // math.gcd(m, a)
+    if period > 1 << 16:
+        return min(a, -(-a // m) + 1)
+    return max(-(-(i + 1) * a // m) - i * a // m for i in range(period))
 
 
 def _wavg_params(window, sigma: float, clipped: bool) -> dict:
@@ -107,7 +124,7 @@ class PoolDx(Family):
                   "n_cands": " * ".join(f"NO_{d.upper()}" for d in dims),
                   "taps": _unflatten("t", [f"K_{d.upper()}" for d in dims]),
                   "n_taps": " * ".join(f"K_{d.upper()}" for d in dims),
-                  "unroll_cands": False, "unroll_taps": False, "unroll_norm": False,
+                  "unroll_cands": False, "one_chunk": False,
                   "p_mode": "none", "P": "2.0", "PM1": "1.0", "clipped": False,
                   "CENTRE": ["0.0"] * rank, "HALF": ["0.0"] * rank, "NEAR2": ["0.0"] * rank,
                   "INV_NORM": ["1.0"] * rank, "WSCALE": "1.0"}
@@ -119,37 +136,46 @@ class PoolDx(Family):
             params["WSCALE"] = float_literal(1.0 / (2.0 * f["sigma"] ** 2 * math.log(2.0)))
         if not adaptive:
             window, stride = f["window"], f["stride"]
-            taps = math.prod(window)
             cands = math.prod(-(-k // s) for k, s in zip(window, stride))
-            params.update(unroll_taps=taps <= UNROLL, unroll_norm=max(window) <= UNROLL,
-                          unroll_cands=cands * (taps if scans else 1) <= UNROLL)
+            params["one_chunk"] = math.prod(window) <= MAX_TAPS
             if kind == "wavg":
                 pad = f["pad"]
                 clipped = pad == "same" if isinstance(pad, str) else any(map(any, pad))
                 params.update(_wavg_params(window, f["sigma"], clipped))
+            # Unrolled, the tiles of several windows would be live at once.
+            params["unroll_cands"] = cands <= UNROLL and not scans and not params["clipped"]
         name = safe_name("pool", kind, "adaptive" if adaptive else "", "dx", node.id)
         source = module_source(render("pool_grad.py.jinja", name=name, **params))
         meta = {"kind": kind, "rank": rank, "adaptive": adaptive, "reads_x": scans,
+                "clipped": params["clipped"],
                 "window": tuple(f.get("window") or ()), "stride": tuple(f.get("stride") or ()),
                 "output": tuple(f.get("output") or ())}
         return KernelPlan(name, self.name, source, (node.id,), tuple(node.inputs),
                           (ValueRef(node.id, 0),), meta=meta, direction="backward")
 
-    def _geometry(self, meta: dict, fattrs: dict, sizes: tuple) -> tuple[list, dict]:
-        """(pads before each dim, the constexprs K_*, S_*, NO_*) at input sizes `sizes`."""
+    @staticmethod
+    def _constexprs(meta: dict, taps: list[int], cells: list[int]) -> dict:
+        """The shape constexprs for windows of `taps` per dim held `cells` to an input."""
         dims = _dims(meta["rank"])
-        if meta["adaptive"]:
-            out = meta["output"]
-            return [], {**{f"K_{d.upper()}": longest_cell(m, a) for d, m, a in zip(dims, sizes, out)},
-                        **{f"NO_{d.upper()}": cells_per_input(m, a)
-                           for d, m, a in zip(dims, sizes, out)}}
-        window, stride = meta["window"], meta["stride"]
-        pads = resolve_pads(fattrs["pad"], sizes, window, stride)
-        constexprs = {}
-        for d, k, s in zip(dims, window, stride):
-            constexprs.update({f"K_{d.upper()}": k, f"S_{d.upper()}": s,
-                               f"NO_{d.upper()}": -(-k // s)})
-        return [int(b) for b, _ in pads], constexprs
+        found = {}
+        for d, k, no in zip(dims, taps, cells):
+            found.update({f"K_{d.upper()}": k, f"NO_{d.upper()}": no})
+            if meta["kind"] == "wavg" and (meta["adaptive"] or meta["clipped"]):
+                found[f"KP_{d.upper()}"] = triton.next_power_of_2(k)
+        if not meta["adaptive"]:
+            found.update({f"S_{d.upper()}": s for d, s in zip(dims, meta["stride"])})
+        if meta["reads_x"]:
+            found["TBLOCK"] = min(triton.next_power_of_2(math.prod(taps)), MAX_TAPS)
+        return found
+
+    @staticmethod
+    def _block(config: dict, constexprs: dict) -> dict:
+        """The launch config: BLOCK shrunk so a [BLOCK, taps] tile holds at most TILE
+        values (the taps of max / lp windows, a dim's weights of clipped or adaptive wavg)."""
+        width = max([v for k, v in constexprs.items() if k == "TBLOCK" or k.startswith("KP_")],
+                    default=1)
+        block = max(1, min(config["BLOCK"], config["TILE"] // width))
+        return {"BLOCK": block, "num_warps": config["num_warps"]}
 
     def launch(self, plan, kernel, inputs, params, attrs):
         # check inputs
@@ -161,14 +187,23 @@ class PoolDx(Family):
         sizes, out_sizes = shape[2:], tuple(dy.shape[2:])
         assert len(sizes) == meta["rank"] == dy.dim() - 2, (shape, dy.shape, meta)
         assert x is None or tuple(x.shape) == shape, (x.shape, shape)
-        pads, constexprs = self._geometry(meta, a["fattrs"], sizes)
+        # windows: pads (fixed) and per dim the taps and the windows holding one input
+        if meta["adaptive"]:
+            pads = []
+            taps = [longest_cell(m, o) for m, o in zip(sizes, meta["output"])]
+            cells = [cells_per_input(m, o) for m, o in zip(sizes, meta["output"])]
+        else:
+            window, stride = meta["window"], meta["stride"]
+            pads = [int(b) for b, _ in resolve_pads(a["fattrs"]["pad"], sizes, window, stride)]
+            taps, cells = list(window), [-(-k // s) for k, s in zip(window, stride)]
+        constexprs = self._constexprs(meta, taps, cells)
         # allocate dx (dy's dtype) in the layout of x, or of dy when x is not read
         c_inner = channels_inner(x if x is not None else dy)
         dx = empty_output(dy, shape, c_inner)
         if dx.numel() == 0:
             return [dx]
         # grid and launch
-        config = pick_config(CONFIGS, dy)
+        config = self._block(pick_config(CONFIGS, dy), constexprs)
         grid = (triton.cdiv(dx.numel(), config["BLOCK"]),)
         operands = [dy] + ([x] if x is not None else []) + [dx]
         strides = [*dy.stride(), *(x.stride() if x is not None else ()), *dx.stride()]
@@ -190,21 +225,22 @@ class PoolDx(Family):
         if meta["reads_x"]:
             signature["x_ptr"] = POINTER[graph.type_of(plan.inputs[1]).dtype]
         signature.update({name: "i32" for name in names})
+        if meta["adaptive"]:
+            taps, cells = [], []
+            for m, a in zip(graph.type_of(plan.outputs[0]).shape[2:], meta["output"]):
+                known = static_value(m)
+                taps.append(longest_cell(known, a) if known else _AOT_CELL)
+                cells.append(cells_per_input(known, a) if known else _AOT_CELLS_PER_INPUT)
+        else:
+            taps = list(meta["window"])
+            cells = [-(-k // s) for k, s in zip(meta["window"], meta["stride"])]
         # Contiguous tensors: the innermost strides are 1, as the JIT specializes.
         constexprs = {f"stride_{t}{dims[-1]}": 1 for t in tensors}
-        if meta["adaptive"]:
-            for d, m, a in zip(dims, graph.type_of(plan.outputs[0]).shape[2:], meta["output"]):
-                known = static_value(m)
-                constexprs[f"K_{d.upper()}"] = longest_cell(known, a) if known else _AOT_CELL
-                constexprs[f"NO_{d.upper()}"] = (cells_per_input(known, a) if known
-                                                 else _AOT_CELLS_PER_INPUT)
-        else:
-            constexprs.update(self._geometry(meta, {"pad": ((0, 0),) * len(dims)},
-                                             (1,) * len(dims))[1])
-        config = CONFIGS["gpu"][0]
+        constexprs.update(self._constexprs(meta, taps, cells))
+        config = self._block(CONFIGS["gpu"][0], constexprs)
         constexprs.update(C_INNER=False, BLOCK=config["BLOCK"], INDEX_64=False)
         signature.update({k: "constexpr" for k in constexprs})
-        return signature, constexprs
+        return signature, constexprs, {"num_warps": config["num_warps"]}
 
     def cost(self, plan, graph, env):
         meta = plan.meta
@@ -246,17 +282,18 @@ class MaxoutDx(Family):
         # check inputs
         dy, x = inputs
         pieces = plan.meta["pieces"]
-        n, c, sizes = x.shape[0], x.shape[1], tuple(x.shape[2:])
+        c, sizes = x.shape[1], tuple(x.shape[2:])
         assert c == dy.shape[1] * pieces and len(sizes) == plan.meta["rank"], (x.shape, dy.shape)
         # allocate dx (dy's dtype) in x's layout
-        dx = empty_output(dy, tuple(x.shape), channels_inner(x))
+        c_inner = channels_inner(x)
+        dx = empty_output(dy, tuple(x.shape), c_inner)
         if dx.numel() == 0:
             return [dx]
         # grid and launch
         config = pick_config(MAXOUT_CONFIGS, dy)
         grid = (triton.cdiv(dy.numel(), config["BLOCK"]),)
         kernel[grid](dy, x, dx, dy.numel(), c // pieces, *sizes, *dy.stride(), *x.stride(),
-                     *dx.stride(), PIECES=pieces, C_INNER=channels_inner(x),
+                     *dx.stride(), PIECES=pieces, C_INNER=c_inner,
                      INDEX_64=needs_int64(dy, x, dx), **config)
         return [dx]
 
@@ -274,7 +311,7 @@ class MaxoutDx(Family):
                       "PIECES": plan.meta["pieces"], "C_INNER": False, "BLOCK": config["BLOCK"],
                       "INDEX_64": False}
         signature.update({k: "constexpr" for k in constexprs})
-        return signature, constexprs
+        return signature, constexprs, {"num_warps": config["num_warps"]}
 
     def cost(self, plan, graph, env):
         dy_type = graph.type_of(plan.inputs[0])
