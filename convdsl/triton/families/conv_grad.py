@@ -243,12 +243,14 @@ class ConvDx(Family):
     table_tile = Tile(32, 64, 32, num_warps=4, num_stages=3)
 
     def tile(self, direct: bool, device: str, itemsize: int, w_itemsize: int,
-             table: bool = False) -> Tile:
+             table: bool = False, rank: int = 2) -> Tile:
         if direct:
             m, n = self.DIRECT[device][0]
             return Tile(m, n, 1, num_warps=4, num_stages=1)
         if device == "cpu":
             return self.cpu_tile
+        if rank == 3:
+            return Tile(32, 32, 32, num_warps=4, num_stages=3)  # 3-D indices: spills otherwise
         if table:
             return self.table_tile
         return pick_tile(self.tiles, itemsize, w_itemsize)
@@ -289,7 +291,7 @@ class ConvDx(Family):
             values.update(zip(["stride_wo", "stride_wc"] + [f"stride_w{d}" for d in dims],
                               weight.stride()))
             w_itemsize = weight.element_size()
-        tile = self.tile(direct, device, dy.element_size(), w_itemsize, g.table is not None)
+        tile = self.tile(direct, device, dy.element_size(), w_itemsize, g.table is not None, g.rank)
         if g.table is not None:
             blocks = self._table_blocks(g.table, channels, tile.BLOCK_N, dy.device)
             values.update(zip(("block_start_ptr", "block_chan_ptr", "member_ptr"), blocks))
@@ -339,7 +341,7 @@ class ConvDx(Family):
         g = _geometry(node)
         dtype, direct = plan.meta["dtype"], plan.meta["direct"]
         w_itemsize = ITEMSIZE[dtype] if self.pack_weights["gpu"] else 4
-        tile = self.tile(direct, "gpu", ITEMSIZE[dtype], w_itemsize, g.table is not None)
+        tile = self.tile(direct, "gpu", ITEMSIZE[dtype], w_itemsize, g.table is not None, g.rank)
         constexprs = self.constexprs(g, tile, TORCH_DTYPE[dtype], False, False)
         args = self.arguments(g, direct)
         sig = args.signature(dtype, constexprs)
@@ -434,12 +436,18 @@ class ConvDw(Family):
             args.add("i32", "stride_mo", "stride_mc")
         return args.add("i32", "stride_ps")
 
-    def tile(self, direct: bool, device: str, itemsize: int) -> Tile:
+    # 3-D gathers keep three sets of position indices live; the narrower tile
+    # keeps sm_90 from spilling.
+    tile_3d = Tile(32, 32, 32, num_warps=4, num_stages=3)
+
+    def tile(self, direct: bool, device: str, itemsize: int, rank: int = 2) -> Tile:
         if direct:
             m, k = self.DIRECT[device][0]
             return Tile(m, 1, k, num_warps=4, num_stages=1)
         if device == "cpu":
             return self.cpu_tile
+        if rank == 3:
+            return self.tile_3d
         return pick_tile(self.tiles, itemsize, itemsize)
 
     def launch(self, plan, kernel, inputs, params, attrs):
@@ -454,7 +462,7 @@ class ConvDw(Family):
         batch, channels, sizes = x.shape[0], x.shape[1], tuple(x.shape[2:])
         groups = 1 if g.table is not None else g.groups
         c_in, c_out = channels // groups, g.out // groups
-        tile = self.tile(direct, device, dy.element_size())
+        tile = self.tile(direct, device, dy.element_size(), g.rank)
 
         # Grid and split: tiles of dW × splits of K (× groups).
         k_total = batch * math.prod(dy.shape[2:])
@@ -546,7 +554,7 @@ class ConvDw(Family):
         node = graph.node(plan.nodes[0])
         g = _geometry(node)
         dtype = plan.meta["dtype"]
-        tile = self.tile(plan.meta["direct"], "gpu", ITEMSIZE[dtype])
+        tile = self.tile(plan.meta["direct"], "gpu", ITEMSIZE[dtype], g.rank)
         constexprs = self.constexprs(g, tile, TORCH_DTYPE[dtype], False, False)
         return self.arguments(g).signature(dtype, constexprs), constexprs, tile.launch_options()
 
