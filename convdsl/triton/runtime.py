@@ -122,8 +122,8 @@ class TritonNet:
         params = [_param(net, n) for n in names]
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *params))
         program = self.training(net) if grad else self.inference
-        return _NetFunction.apply(self, program, net, attrs_by_node, env, names, len(inputs),
-                                  *inputs, *params)
+        return _NetFunction.apply(self, program if grad else None, net, attrs_by_node, env, names,
+                                  len(inputs), *inputs, *params)
 
     def programs(self, net) -> list[TritonProgram]:
         """Every program a training step can run: inference and training
@@ -154,13 +154,17 @@ def _param(net, name):
 class _NetFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, runner: TritonNet, program, net, attrs_by_node, env, names, n_in, *tensors):
+        """`program` is None when no gradient will be taken (no_grad, or
+        nothing requires one): then the inference kernels run and nothing is saved."""
         graph = runner.graph
+        training = program is not None
+        program = program or runner.inference
         params = dict(zip(names, tensors[n_in:]))
         values = program.run(dict(zip(graph.inputs, tensors[:n_in])), attrs_by_node,
                              params.__getitem__)
         outputs = tuple(values[r] for r in graph.outputs)
         needs = ctx.needs_input_grad[7:]
-        if any(needs):
+        if training and any(needs):
             with_grad = tuple(graph.node(n).attrs["name"]
                               for n, need in zip(graph.inputs, needs[:n_in]) if need)
             bwd, program = runner.backward_program(net, with_grad)
