@@ -60,6 +60,9 @@ class VJPContext:
         t = self.node.types[index]
         return (t.dtype, tuple(t.shape))
 
+    def param_trainable(self, name: str) -> bool:
+        return self._state.forward.params[name].trainable
+
     def param_shape(self, role: str) -> tuple[int, ...]:
         return tuple(self._state.forward.params[self.node.params[role]].shape)
 
@@ -85,6 +88,10 @@ class VJPContext:
         return self.emit("_scalar", [ref], {"scalar": float(factor), "symbol": "*",
                                             "scalar_first": False})
 
+    def sum(self, refs: list[ValueRef]) -> ValueRef:
+        """One gradient from several contributions (a value read more than once)."""
+        return _accumulate(self._state, refs, self.node)
+
     def param_grad(self, role: str, ref: ValueRef) -> None:
         self._state.param_grads.setdefault(self.node.params[role], []).append(ref)
 
@@ -93,12 +100,29 @@ class VJPContext:
         if ref not in state.saved:
             t = state.forward.type_of(ref)
             producer = state.forward.node(ref.node)
-            label = producer.binding or f"%{ref.node}"
+            label = str(ref) if ref.index or not producer.binding else producer.binding
             node = state.backward.add("_input", [], {"name": f"saved {label}", "type": t,
                                                      "forward": str(ref)}, [t], producer.span)
             state.backward.inputs.append(node.id)
             state.saved[ref] = node.id
         return ValueRef(state.saved[ref], 0)
+
+
+class StepVJPContext(VJPContext):
+    """The context of one step of a fused node (ops/fused.py): the step looks
+    like a plain forward node, its value is result `result` of the fused node,
+    and `needs` says which of its operands want a gradient."""
+
+    def __init__(self, outer: VJPContext, step: Node, grads: list, needs: list[bool],
+                 result: int):
+        super().__init__(outer._state, step, grads)
+        self._needs, self._result = needs, result
+
+    def needs_input(self, index: int) -> bool:
+        return self._needs[index]
+
+    def saved_output(self, index: int) -> ValueRef:
+        return self._save(ValueRef(self.node.id, self._result))
 
 
 def _emit(graph: Graph, op: str, inputs: list[ValueRef], attrs: dict, origin: Node,
@@ -136,6 +160,7 @@ def derive_backward(forward: Graph, inputs_with_grad=()) -> BackwardGraph:
     named inputs."""
     backward = Graph(f"{forward.name}.backward", forward.span)
     backward._next_id = forward._next_id  # ids unique across both graphs: kernel names too
+    backward.params = forward.params  # gradient ops read the forward parameters
     state = _State(forward, backward, requires_grad(forward, inputs_with_grad))
     seeds = []
     for index, ref in enumerate(forward.outputs):

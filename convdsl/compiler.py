@@ -33,7 +33,7 @@ def compile(source: str | Path, *, net: str | None = None, backend: str = "auto"
     verify(parsed, "building")
     optimized = run_pipeline(parsed) if optimize else parsed   # passes, verified after each
     emit_warnings(warnings)
-    return CompiledNet(parsed, optimized, backend, warnings, filename)  # lowered to torch ops
+    return CompiledNet(parsed, optimized, backend, warnings, filename, optimize)  # lowered to torch ops
 
 
 def load_program(source: str | Path):

@@ -87,8 +87,9 @@ _KMEANS_PP_SAMPLE = 4096
 # -- the layers to fit -----------------------------------------------------------------------
 
 def kmeans_layers(net) -> list:
-    """The graph nodes whose weight has init=kmeans, in graph order (a shared layer once)."""
-    graph = net._graph
+    """The graph nodes whose weight has init=kmeans, in graph order (a shared layer once),
+    in the net's unfused graph (a fused node would hide the layer's input)."""
+    graph = net.unfused_graph
     found, seen = [], set()
     for node in graph.nodes():
         decls = [graph.params[name] for role, name in node.params.items()
@@ -104,7 +105,7 @@ def kmeans_layers(net) -> list:
 
 
 def _check_node(net, node):
-    graph = net._graph
+    graph = net.unfused_graph
     weight_name = node.params.get("weight")
     decl = graph.params[weight_name] if weight_name else next(
         graph.params[n] for r, n in node.params.items() if r.startswith("weight"))
@@ -297,14 +298,20 @@ def learn_kernels(patches: torch.Tensor, k: int, *, iterations: int = DEFAULT_IT
 # -- progress --------------------------------------------------------------------------------
 
 def _progress_for(progress, layer: str, total: int):
-    """(callback(pass, total), close()) for progress=None/False, True or a callable."""
-    if not progress:
-        return None, lambda: None
-    if callable(progress):
+    """(callback(pass, total), close()) for progress=None (a bar if stderr is a terminal,
+    see convdsl.progress), False, True or a callable."""
+    from .progress import wanted
+
+    if callable(progress) and not isinstance(progress, bool):
         return (lambda step, n: progress(layer, step, n)), lambda: None
+    if not wanted(progress):
+        return None, lambda: None
     try:
         from tqdm.auto import tqdm
     except ImportError:
+        if progress is None:  # automatic bars need tqdm; lines only when asked for
+            return None, lambda: None
+
         def report(step, n):
             print(f"kmeans {layer}: pass {step}/{n}", file=sys.stderr)
         return report, lambda: None
@@ -323,8 +330,9 @@ def fit_kmeans_layers(net, x, *, seed: int = 0, iterations: int = DEFAULT_ITERAT
     """Fit every init=kmeans layer of `net` on training data `x` (a tensor, or a tuple/list of
     tensors, one per net input), in graph order, and mark them fitted.
 
-    `progress`: None/False (quiet), True (a tqdm bar if tqdm is installed, else a line per pass
-    on stderr) or a callable `progress(layer, pass, passes)`. Deterministic given `seed`.
+    `progress`: None (a tqdm bar when tqdm is installed and stderr is a terminal, unless
+    CONVDSL_PROGRESS=0), False (quiet), True (a tqdm bar if tqdm is installed, else a line per
+    pass on stderr) or a callable `progress(layer, pass, passes)`. Deterministic given `seed`.
     Returns {layer: {"patches", "mean_similarity", "iterations", "contrast", "norm_eps",
     "zca_eps", "counts"}}."""
     if isinstance(x, list):
@@ -347,7 +355,7 @@ def fit_kmeans_layers(net, x, *, seed: int = 0, iterations: int = DEFAULT_ITERAT
         bind_inputs(net._graph, inputs, net._device())
         for node in nodes:
             decl = _check_node(net, node)
-            layer_input = net._execute(inputs, stop_before=node.id)[0]
+            layer_input = net._execute(inputs, stop_before=node.id, graph=net.unfused_graph)[0]
             report[decl.layer] = _fit_node(net, node, decl, layer_input, generator, _lookup,
                                            iterations=iterations, batch_size=batch_size,
                                            max_patches=max_patches, progress=progress,

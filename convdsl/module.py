@@ -44,8 +44,9 @@ class CompiledNet(nn.Module):
     """A compiled net. Call it like any module: `net(x)` or `net(x, y)`."""
 
     def __init__(self, parsed: Graph, optimized: Graph, backend: str, warnings=(),
-                 source_name: str = "<string>"):
+                 source_name: str = "<string>", optimize: bool = True):
         super().__init__()
+        self._optimize = optimize
         self._graphs = {"parsed": parsed, "optimized": optimized}
         self._graph = optimized
         self.backend = backend
@@ -86,7 +87,12 @@ class CompiledNet(nn.Module):
         key = tuple(inputs_with_grad)
         cache = self.__dict__.setdefault("_backward", {})
         if key not in cache:
-            cache[key] = derive_backward(self._graph, key)
+            found = derive_backward(self._graph, key)
+            if self._optimize:
+                from .passes import run_backward_pipeline
+
+                found.graph = run_backward_pipeline(found.graph)
+            cache[key] = found
         return cache[key]
 
     @property
@@ -102,12 +108,13 @@ class CompiledNet(nn.Module):
     def input_names(self) -> list[str]:
         return [self._graph.node(i).attrs["name"] for i in self._graph.inputs]
 
-    def fit_features(self, x: torch.Tensor) -> None:
+    def fit_features(self, x: torch.Tensor, progress: bool | None = None) -> None:
+        """Fill every init=kmeans layer from data; `progress` as in kmeans.fit_kmeans_layers."""
         if not self._kmeans_pending:
             raise ConvDSLError(f"net {self.name} has no init=kmeans layer to fit")
         from .kmeans import fit_kmeans_layers
 
-        fit_kmeans_layers(self, x)
+        fit_kmeans_layers(self, x, progress=progress)
 
     # -- running -------------------------------------------------------------------------
     def _device(self) -> torch.device | None:
@@ -130,15 +137,29 @@ class CompiledNet(nn.Module):
             layers = ", ".join(sorted(self._kmeans_pending))
             raise ConvDSLError(f"layer {layers} has init=kmeans: call net.fit_features(x) with "
                                f"training data before running the net")
-        return self._execute(inputs)
+        return self._execute(_autocast_inputs(self._graph, inputs))
 
-    def _execute(self, inputs: tuple, stop_before: int | None = None):
+    @property
+    def unfused_graph(self) -> Graph:
+        """The optimized graph without fusion: every layer its own node (k-means fitting)."""
+        if "unfused" not in self._graphs:
+            from .passes import PIPELINE, run_pipeline
+
+            passes = [p for p in PIPELINE if not p.name.startswith("fuse-")]
+            self._graphs["unfused"] = (run_pipeline(self._graphs["parsed"], passes)
+                                       if self._optimize else self._graph)
+        return self._graphs["unfused"]
+
+    def _execute(self, inputs: tuple, stop_before: int | None = None, graph: Graph | None = None):
         """Run the graph; with `stop_before`, return that node's operands instead."""
-        graph = self._graph
+        graph = graph or self._graph
         env = bind_inputs(graph, inputs, self._device(), allow_float64=self._float64)
-        attrs_by_node = self._plan(env)
+        attrs_by_node = self._plan(env) if graph is self._graph else check_layers(graph, env)
         if self._program is not None and stop_before is None:
-            return self._program(self, tuple(inputs), attrs_by_node, env)
+            if self._float64:
+                raise ConvDSLError("the triton backend's kernels take f32, f16 and bf16, not "
+                                   "float64: compile with backend='torch' to run in float64")
+            return _opaque_kernels()(self._program, self, tuple(inputs), attrs_by_node, env)
         found = run_graph(graph, dict(zip(graph.inputs, inputs)), attrs_by_node,
                           lambda name: _lookup(self, name), stop_before)
         if stop_before is not None:
@@ -162,6 +183,47 @@ class CompiledNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"net={self.name}, backend={self.backend}, parameters={self.parameter_count():,}"
+
+
+def _autocasting(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device autocast does not know (meta): bind_inputs reports it
+        return False
+
+
+def _autocast_inputs(graph: Graph, inputs: tuple) -> tuple:
+    """Inside torch.autocast an input may come in the autocast dtype (an earlier
+    autocast op's output): an f32 input takes it upcast, losslessly, as nn.Conv2d would."""
+    found = list(inputs)
+    for i, (node_id, value) in enumerate(zip(graph.inputs, inputs)):
+        if (isinstance(value, torch.Tensor) and graph.node(node_id).types[0].dtype == "f32"
+                and _autocasting(value.device.type)
+                and value.dtype == torch.get_autocast_dtype(value.device.type)):
+            found[i] = value.float()
+    return tuple(found)
+
+
+def _run_kernels(program, net: CompiledNet, inputs: tuple, attrs_by_node: dict, env: dict):
+    """The triton backend's kernels as one call. Autocast is off inside, so the
+    kernels compute in the declared dtypes, like a custom op autocast does not
+    list; the ops after the net autocast as usual."""
+    with torch.autocast(inputs[0].device.type, enabled=False):
+        return program(net, inputs, attrs_by_node, env)
+
+
+_OPAQUE_KERNELS = []
+
+
+def _opaque_kernels():
+    """_run_kernels as an opaque call for torch.compile, which graph-breaks there
+    and runs it eagerly: Dynamo cannot trace kernel launches (nor Triton's
+    interpreter) inside the net's autograd.Function. Built on first use, because
+    torch.compiler.disable imports Dynamo, which imports Triton, and
+    convdsl.triton must choose interpreted or compiled kernels before that."""
+    if not _OPAQUE_KERNELS:
+        _OPAQUE_KERNELS.append(torch.compiler.disable(_run_kernels))
+    return _OPAQUE_KERNELS[0]
 
 
 def _loaded(module: CompiledNet, incompatible_keys) -> None:

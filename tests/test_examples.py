@@ -62,6 +62,7 @@ EXPECTED_RANKS = {
     "RandomFeatures": (2,),
     "KMeansQuadrants": (2,), "KMeansTwoLayer": (2,),
     "SeparableNet": (2,), "DepthwiseSeparableNet": (2,), "DifferenceOfGaussians": (4,),
+    "FoundSeparable": (2,),
     "DigitsLeNet": (2,), "DigitsRandom": (2,), "DigitsKMeans": (2,),
 }
 

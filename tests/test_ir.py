@@ -30,7 +30,9 @@ def test_parsed_and_optimized_differ_by_the_passes():
     net = convdsl.compile(ROOT / "examples" / "lenet5.cdsl", net="LeNet5")
     assert "pad=valid" in net.ir("parsed")
     assert "pad=((0, 0), (0, 0))" in net.ir("optimized")
-    assert [p.name for p in PIPELINE] == ["canonicalize", "infer-shapes", "dce"]
+    assert [p.name for p in PIPELINE] == ["canonicalize", "infer-shapes", "dce", "separable-rank1",
+                                          "fuse-epilogue", "fuse-depthwise-pointwise",
+                                          "fuse-pooling"]
 
 
 def test_ir_lines_carry_shapes_and_source_lines():
@@ -57,7 +59,7 @@ def test_dead_code_is_removed_but_parameters_stay():
 
 
 def test_dot_and_json_formats():
-    net = convdsl.compile(ROOT / "examples" / "lenet5.cdsl", net="LeNet5")
+    net = convdsl.compile(ROOT / "examples" / "lenet5.cdsl", net="LeNet5", optimize=False)
     dot = net.ir(format="dot")
     assert dot.startswith('digraph "LeNet5" {') and "n0 -> n1;" in dot
     doc = json.loads(net.ir(format="json"))
@@ -66,6 +68,12 @@ def test_dot_and_json_formats():
     assert conv["op"] == "conv" and conv["types"][0]["shape"] == ["N", "16", "10", "10"]
     assert conv["params"] == {"bias": "c3.bias", "weight": "c3.weight"}
     assert conv["source"]["line"] == 13
+    fused = json.loads(convdsl.compile(ROOT / "examples" / "lenet5.cdsl", net="LeNet5").ir(
+        format="json"))
+    node = next(n for n in fused["nodes"] if n["layer"] == "c3")
+    assert node["op"] == "fused[conv+tanh+avgpool]"
+    assert [s["op"] for s in node["attrs"]["steps"]] == ["conv", "tanh", "avgpool"]
+    assert node["params"] == {"0.bias": "c3.bias", "0.weight": "c3.weight"}
 
 
 def test_unknown_stage_or_format():

@@ -59,11 +59,11 @@ def data(shape, seed=0):
 
 
 def conv_node(net, layer):
-    return next(n for n in net._graph.nodes() if n.layer == layer)
+    return next(n for n in net.unfused_graph.nodes() if n.layer == layer)
 
 
 def user_of(net, node):
-    return net._graph.users(node.id)[0]
+    return net.unfused_graph.users(node.id)[0]
 
 
 # -- the net-level workflow --------------------------------------------------------------------
@@ -118,11 +118,11 @@ def test_stacked_layers_fitted_in_order():
     seen = []
     real_execute = net._execute
 
-    def spy(inputs, stop_before=None):
+    def spy(inputs, stop_before=None, graph=None):
         if stop_before == b_node.id:  # b's input must come from a fitted a
             seen.append(("b-input", _lookup(net, "a.weight").detach().clone(),
                          set(net._kmeans_pending)))
-        return real_execute(inputs, stop_before)
+        return real_execute(inputs, stop_before, graph)
 
     net._execute = spy
     order = []
@@ -206,7 +206,8 @@ def test_weights_written_in_conv_layout():
     torch.testing.assert_close(_lookup(net, "c.weight"), kernels.flip(2, 3))
     torch.testing.assert_close(_lookup(net, "c.bias"), ref["bias"].float())
     node = conv_node(net, "c")
-    conv_out = net._execute((x,), stop_before=user_of(net, node).id)[0]  # [N, 6, 9, 9]
+    conv_out = net._execute((x,), stop_before=user_of(net, node).id,
+                            graph=net.unfused_graph)[0]  # [N, 6, 9, 9]
     windows = extract_patches(x, (3, 3), (1, 1), pads)  # [N, C, 9, 9, 3, 3]
     expect = torch.einsum("ncxyuv,icuv->nixy", windows, kernels) + ref["bias"].float()[None, :, None, None]
     torch.testing.assert_close(conv_out, expect, rtol=1e-4, atol=1e-4)

@@ -26,14 +26,18 @@ _HIDDEN = frozenset({"fattrs", "forward", "input_type", "param_shapes"})
 
 
 def _attrs(node: Node) -> str:
+    return _attr_list(node.op, node.attrs)
+
+
+def _attr_list(op: str, attrs: dict) -> str:
     parts = []
-    for key in node.attrs:
-        value = node.attrs[key]
-        if key in ("type", "name") and node.op == "_input" or key in _HIDDEN:
+    for key in attrs:
+        value = attrs[key]
+        if key in ("type", "name") and op == "_input" or key in _HIDDEN or op == "_fused":
             continue
         if value is None:
             continue
-        if key == "table":
+        if key == "table" and value is not None:
             value = f"<{len(value)} rows, {sum(len(r) for r in value)} connections>"
         parts.append(f"{key}={_attr_text(value)}")
     return " ".join(parts)
@@ -44,7 +48,20 @@ def _location(node: Node) -> str:
 
 
 def _op_name(node: Node) -> str:
+    if node.op == "_fused":
+        return f"fused[{node.attrs['pattern']}]"
     return node.op.lstrip("_")
+
+
+def _fused_steps(node: Node) -> list[str]:
+    """One line per step of a fused node: `s1 = relu(s0)`."""
+    lines = []
+    for k, step in enumerate(node.attrs["steps"]):
+        attrs = _attr_list(step["op"], step["attrs"])
+        layer = f" layer={step['layer']}" if step.get("layer") else ""
+        lines.append(f"      | s{k} = {step['op'].lstrip('_')}({', '.join(step['operands'])})"
+                     + (f" {attrs}" if attrs else "") + layer)
+    return lines
 
 
 def format_node(graph: Graph, node: Node) -> str:
@@ -65,7 +82,10 @@ def format_node(graph: Graph, node: Node) -> str:
         head += f" from={node.origin}"
     types = ", ".join(str(t) for t in node.types)
     name = f"  # {node.binding}" if node.binding and node.op != "_input" else ""
-    return f"  {head} : {types}  @{_location(node)}{name}"
+    line = f"  {head} : {types}  @{_location(node)}{name}"
+    if node.op == "_fused":
+        line = "\n".join([line] + _fused_steps(node))
+    return line
 
 
 def to_text(graph: Graph) -> str:

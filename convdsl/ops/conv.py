@@ -155,6 +155,8 @@ def conv_family(attrs: dict, inputs) -> str:
     tl.dot would waste the tensor cores), else implicit GEMM."""
     if attrs["separable"]:
         return "separable"
+    if attrs.get("rank1_separable"):
+        return "separable_rank1"  # a frozen rank-1 kernel (passes/separable.py)
     if attrs["table"] is None and attrs["groups"] > 1 and attrs["groups"] == inputs[0].channels:
         return "depthwise"
     return "conv"

@@ -32,7 +32,7 @@ def verify(graph, stage: str = "") -> None:
                 fail(f"%{node.id} reads result {ref.index} of %{ref.node}, which has fewer")
         if set(graph.nx.predecessors(node.id)) != {r.node for r in node.inputs}:
             fail(f"%{node.id}: graph edges do not match its operands")
-        for role, pname in node.params.items():
+        for pname in node.params.values():
             if pname not in graph.params:
                 fail(f"%{node.id} uses parameter {pname}, which is not declared")
     for ref in graph.outputs:
@@ -43,4 +43,4 @@ def verify(graph, stage: str = "") -> None:
             fail(f"input %{node_id} is missing")
 
 
-__all__ = ["verify", "IRVerificationError", "ConvDSLError"]
+__all__ = ["ConvDSLError", "IRVerificationError", "verify"]

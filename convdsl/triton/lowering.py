@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from ..errors import ConvDSLError
-from ..ir import Graph, Node
+from ..ir import Graph, Node, ValueRef
 from ..ir.types import dims_equal
 from ..ops import OPS
+from ..ops.fused import FUSED, result_index, step_node
 from .families import KernelPlan, family
 
 
@@ -26,7 +27,7 @@ def _available(name: str) -> bool:
     try:
         family(name)
         return True
-    except ModuleNotFoundError:  # a family whose module is not written yet
+    except (KeyError, ModuleNotFoundError):  # a family whose module is not written yet
         return False
 
 
@@ -68,6 +69,54 @@ def group_nodes(graph: Graph, backward: bool = False) -> list[list[Node]]:
         else:
             groups.append([node])
     return groups
+
+
+def _computes_fused(name: str) -> bool:
+    """Whether family `name` computes fused nodes (ops/fused.py) in one kernel."""
+    if not _available(name):
+        return False
+    import sys
+
+    module = sys.modules[type(family(name)).__module__]
+    return getattr(family(name), "fuses", None) is True or hasattr(module, "epilogue_of")
+
+
+def expand_fused(graph: Graph, backward: bool = False) -> tuple[Graph, dict, dict]:
+    """A copy of `graph` in which each fused node that no kernel family computes
+    runs as its steps again, one kernel each (intermediates then live in memory).
+    Returns the graph, the aliases (a fused intermediate → the value now
+    holding it) and each expanded node's origin (node id → (fused id, step))."""
+    todo = [n for n in graph.nodes() if n.op == FUSED and not _computes_fused(
+        OPS[FUSED].triton_family(n.attrs, [graph.type_of(r) for r in n.inputs]))]
+    if not todo:
+        return graph, {}, {}
+    graph = graph.copy()
+    graph._next_id = max(graph._next_id, EXPANDED_IDS)  # kernel names stay unique
+    aliases: dict[ValueRef, ValueRef] = {}
+    origins: dict[int, tuple[int, int]] = {}
+    for original in todo:
+        node = graph.node(original.id)
+        steps = node.attrs["steps"]
+        refs = {f"in{i}": r for i, r in enumerate(node.inputs)}
+        for k, step in enumerate(steps[:-1]):
+            plain = step_node(node, k)
+            added = graph.add(plain.op, [refs[o] for o in step["operands"]], plain.attrs,
+                              plain.types, plain.span, layer=plain.layer, params=plain.params,
+                              binding=plain.binding, origin=f"%{node.id} fused")
+            refs[f"s{k}"] = ValueRef(added.id, 0)
+            origins[added.id] = (node.id, k)
+            aliases[ValueRef(node.id, result_index(k, len(steps)))] = ValueRef(added.id, 0)
+        last = step_node(node, len(steps) - 1)
+        node.op, node.attrs, node.params = last.op, last.attrs, last.params
+        node.inputs = [refs[o] for o in steps[-1]["operands"]]
+        node.types = node.types[:1]
+        origins[node.id] = (node.id, len(steps) - 1)
+        graph.rewire(node)
+    graph.saved_for_backward = frozenset(aliases.get(r, r) for r in graph.saved_for_backward)
+    return graph, aliases, origins
+
+
+EXPANDED_IDS = 1_000_000
 
 
 def lower(graph: Graph, backward: bool = False) -> list[KernelPlan]:

@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import torch
 
+from .. import log
 from ..checks import check_layers
 from ..ir import Graph, ValueRef
 from ..ir.types import symbol
 from .families import KernelPlan, family
 from .loader import load_kernel
-from .lowering import lower
+from .lowering import expand_fused, lower
 
 
 class TritonProgram:
     """One graph's kernels, lowered once; compiled (or interpreted) on first use."""
 
     def __init__(self, graph: Graph, backward: bool = False):
-        self.graph = graph
-        self.plans = lower(graph, backward)
+        # Fused nodes no family computes run as their steps (lowering.expand_fused).
+        self.graph, self.aliases, self.origins = expand_fused(graph, backward)
+        self.plans = lower(self.graph, backward)
         self._kernels: dict[str, object] = {}
+        for plan in self.plans:
+            log.emit("kernels", lambda plan=plan: _describe(plan, self.graph, backward))
 
     @property
     def sources(self) -> dict[str, str]:
@@ -66,17 +70,43 @@ class TritonProgram:
             for node_id in plan.nodes:
                 for role, name in self.graph.node(node_id).params.items():
                     params.setdefault(node_id, {})[role] = lookup(name)
-            attrs = {n: attrs_by_node[n] for n in plan.nodes}
+            attrs = {n: self._attrs(attrs_by_node, n) for n in plan.nodes}
             outputs = family(plan.family).launch(plan, self.kernel(plan),
                                                  [values[r] for r in plan.inputs], params, attrs)
             for ref, value in zip(plan.outputs, outputs):
                 values[ref] = value
             for ref in drops.get(index, ()):
                 values.pop(ref, None)
+        for fused, held in self.aliases.items():
+            if held in values:
+                values[fused] = values[held]
         return values
+
+    def _attrs(self, attrs_by_node: dict, node_id: int) -> dict:
+        """Concrete attributes of a node; an expanded fused step's come from its fused node."""
+        origin = self.origins.get(node_id)
+        if origin is None:
+            return attrs_by_node[node_id]
+        fused, step = origin
+        return attrs_by_node[fused]["steps"][step]["attrs"]
 
     def __getstate__(self):
         return {**self.__dict__, "_kernels": {}, "_drops": None}
+
+
+def _describe(plan: KernelPlan, graph: Graph, backward: bool) -> str:
+    """CONVDSL_LOG=kernels: one line per plan, naming the IR nodes it computes."""
+    kind = "backward" if backward else "training" if graph.saved_for_backward else "forward"
+    nodes = []
+    for node_id in plan.nodes:
+        if not graph.nx.has_node(node_id):  # a helper step the lowering added (a reduction)
+            nodes.append(f"%{node_id}")
+            continue
+        node = graph.node(node_id)
+        pattern = node.attrs.get("pattern")
+        label = f"%{node.id} {node.op}" + (f"[{pattern}]" if pattern else "")
+        nodes.append(label + (f" ({node.layer})" if node.layer else "") + f" @{node.span.location}")
+    return f"{kind} {plan.name}: family {plan.family}, nodes {', '.join(nodes)}"
 
 
 class TritonNet:

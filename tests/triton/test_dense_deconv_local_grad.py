@@ -506,7 +506,9 @@ def test_aot_compiles_without_spills(target, tmp_path):
         print(target, r.name, "registers", r.registers, "spills", r.spills, "shared",
               r.shared_bytes, "flops", r.flops, "bytes", r.bytes)
         assert r.registers is not None and 0 < r.registers <= 255 and r.spills == 0, r
-        assert r.flops > 0 and r.bytes > 0
+        # a plan's helper kernels (its split-K reduction) report no cost of their
+        # own: the cost model counts the whole plan once, on its main kernel
+        assert r.name.endswith("_reduce") or (r.flops > 0 and r.bytes > 0), r
     # the split-K reduction kernels the plans carry beside their GEMM
     program, plans = our_plans(net)
     jobs = [{"source": plan.source, "name": name, "signature": sig, "constexprs": cx}

@@ -14,11 +14,18 @@ BLOCK_N output channels the host lists the union of input channels its rows
 read, and the K loop visits only those channels × taps; an int8 membership
 matrix masks the weight loads, so absent connections are never read and count
 as zero whatever the dense weight holds there.
+
+A fused node (ops/fused.py) whose steps are [conv, elementwise steps...] runs
+as the same kernel with its epilogue (families/epilogue.py) applied to the
+fp32 accumulator after the bias: activations, `+`/`-` a residual operand read
+at the output's positions, scalar arithmetic. Only the last step's value is
+stored, plus, in the training variant, the intermediates the backward pass reads.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import triton
@@ -28,6 +35,17 @@ from ...ir.types import evaluate
 from ...ops.spatial import effective_kernel, resolve_pads
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
+from .epilogue import (
+    Epilogue,
+    anchor_step,
+    epilogue_flops,
+    epilogue_of,
+    epilogue_signature,
+    launch_attrs,
+    launch_params,
+    like_output,
+    residual_operands,
+)
 
 DIMS = {1: ("w",), 2: ("h", "w"), 3: ("d", "h", "w")}  # spatial dim letters, outermost first
 TORCH_DTYPE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -168,12 +186,41 @@ def _numel(ttype, env) -> int:
     return math.prod(evaluate(d, env) for d in ttype.shape)
 
 
+# -- fused epilogues (shared with the dense, depthwise and separable families) -----------------
+
+def epilogue_outputs(residuals, shape, dtype, device, memory_format, kept: int):
+    """(y, residuals, kept tensors) of a kernel with a fused epilogue. y takes
+    the first residual's layout (epilogue.like_output), every other residual
+    is brought to y's strides and the kept tensors share them, so the one
+    offset expression of the kernel addresses all of them."""
+    residuals = residual_operands(list(residuals))
+    y = like_output(residuals[0] if residuals else None, shape, dtype, device, memory_format)
+    for r in residuals:
+        if tuple(r.shape) != tuple(y.shape):
+            raise ValueError(f"residual operand of shape {tuple(r.shape)} for an output of "
+                             f"shape {tuple(y.shape)}")
+    residuals = [r if r.stride() == y.stride() else torch.empty_like(y).copy_(r)
+                 for r in residuals]
+    return y, residuals, [torch.empty_like(y) for _ in range(kept)]
+
+
+def epilogue_bytes(ep: Epilogue, outputs: int, itemsize: int) -> int:
+    """Global-memory bytes the epilogue adds: residuals read, intermediates stored."""
+    return (len(ep.residuals) + len(ep.kept)) * outputs * itemsize
+
+
+def epilogue_meta(ep: Epilogue) -> dict:
+    """What a launch needs to know of the epilogue (the kernel has the rest)."""
+    return {"residuals": len(ep.residuals), "kept": len(ep.kept)}
+
+
 class Conv(Family):
     name = "conv"
     tiles = CONV_TILES
     narrow_tiles = NARROW_TILES
     cpu_tile = CONV_CPU_TILE
-    pack_weights = {"cpu": False, "gpu": True}  # re-lay weights out (see packed_conv_weight)
+    # re-lay weights out (see packed_conv_weight)
+    pack_weights: ClassVar[dict] = {"cpu": False, "gpu": True}
 
     def __init__(self):
         # (table, C_in, BLOCK_N, device) → table_blocks(...), built once
@@ -182,20 +229,26 @@ class Conv(Family):
 
     # -- planning ------------------------------------------------------------------------
     def plan(self, graph, nodes) -> KernelPlan:
+        """A conv node, or a fused node [conv, elementwise steps...]: inputs
+        (x, *residuals), outputs (the last step's value, *kept intermediates)."""
         (node,) = nodes
+        anchor = anchor_step(node)
+        ep = epilogue_of(graph, node)
         x = graph.type_of(node.inputs[0])
-        a = node.attrs
+        a = anchor.attrs
         rank = x.rank - 2
-        name = safe_name("conv", f"{rank}d", node.layer or "", node.id)
+        name = safe_name("conv", f"{rank}d", anchor.layer or "", *ep.name_parts(), node.id)
         geometry = "x".join(str(k) for k in a["kernel"])
         doc = (f"{rank}-D convolution, kernel {geometry}, {a['out']} outputs"
                + (f", {a['groups']} groups" if a["groups"] > 1 else "")
                + (", connection table" if a["table"] is not None else "")
-               + f", bias {a['bias']}.")
+               + f", bias {a['bias']}{ep.describe()}.")
         source = module_source(render("conv.py.jinja", name=name, doc=doc, dims=list(DIMS[rank]),
-                                      bias=a["bias"], table=a["table"] is not None))
-        return KernelPlan(name, self.name, source, (node.id,), (node.inputs[0],),
-                          (ValueRef(node.id, 0),), meta={"rank": rank, "dtype": x.dtype})
+                                      bias=a["bias"], table=a["table"] is not None,
+                                      ep=ep.template()))
+        return KernelPlan(name, self.name, source, (node.id,), (node.inputs[0], *ep.residuals),
+                          (ValueRef(node.id, 0), *ep.kept_refs),
+                          meta={"rank": rank, "dtype": x.dtype, **epilogue_meta(ep)})
 
     # -- running -------------------------------------------------------------------------
     def tile(self, device: str, attrs, x_itemsize: int, w_itemsize: int) -> Tile:
@@ -205,14 +258,13 @@ class Conv(Family):
         return pick_tile(self.narrow_tiles if narrow else self.tiles, x_itemsize, w_itemsize)
 
     def launch(self, plan, kernel, inputs, params, attrs):
-        # Check inputs.
-        (x,) = inputs
+        # Check inputs: x, then the epilogue's residual operands (if any).
+        x, *residuals = inputs
         (node_id,) = plan.nodes
-        a, p = attrs[node_id], params[node_id]
+        a, p = launch_attrs(attrs[node_id]), launch_params(params[node_id])
         if x.dtype not in TORCH_DTYPE.values():
             raise TypeError(f"the triton conv takes f32/f16/bf16 inputs, got {x.dtype}")
         x = x.detach()
-        rank = x.dim() - 2
         batch, channels, sizes = x.shape[0], x.shape[1], tuple(x.shape[2:])
         groups, c_out_total, table = a["groups"], a["out"], a["table"]
         pads = resolve_pads(a["pad"], sizes, a["kernel"], a["stride"], a["dilation"])
@@ -225,9 +277,10 @@ class Conv(Family):
             weight = self._weights.get(weight, x.dtype, lambda w: packed_conv_weight(w, x.dtype))
         tile = self.tile(device, a, x.element_size(), weight.element_size())
 
-        # Allocate the output.
-        y = torch.empty((batch, c_out_total) + out_sizes, device=x.device, dtype=x.dtype,
-                        memory_format=output_format(x))
+        # Allocate the output (a residual's layout when there is one) and the kept values.
+        y, residuals, kept = epilogue_outputs(residuals, (batch, c_out_total) + out_sizes,
+                                              x.dtype, x.device, output_format(x),
+                                              plan.meta.get("kept", 0))
 
         # Grid: output-position blocks × output-channel blocks × groups.
         c_in, c_out = channels // groups, c_out_total // groups
@@ -243,7 +296,7 @@ class Conv(Family):
             blocks = self._table_blocks(table, channels, tile.BLOCK_N, x.device)
             pointers.extend(blocks)
             extra_strides = list(blocks[2].stride())
-        pointers.append(y)
+        pointers += [y, *residuals, *kept]
         location = [math.prod(out_sizes)] if a["bias"] == "location" else []
         options = tile.launch_options() if device == "gpu" else {}
         kernel[grid](
@@ -254,7 +307,7 @@ class Conv(Family):
             BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K,
             INPUT_PRECISION=input_precision(x.dtype, torch.backends.cudnn.allow_tf32),
             DOT_FP32=dot_in_fp32(x), INDEX_64=needs_int64(x, weight, y), **options)
-        return [y]
+        return [y, *kept]
 
     def _table_blocks(self, table, c_in, block_n, device):
         key = (table, c_in, block_n, str(device))
@@ -266,7 +319,7 @@ class Conv(Family):
     # -- ahead of time -------------------------------------------------------------------
     def aot(self, plan, graph):
         node = graph.node(plan.nodes[0])
-        a, dtype, rank = node.attrs, plan.meta["dtype"], plan.meta["rank"]
+        a, dtype, rank = anchor_step(node).attrs, plan.meta["dtype"], plan.meta["rank"]
         dims = DIMS[rank]
         pointer = POINTER[dtype]
         # A GPU launch packs the weight in the input's dtype (pack_weights["gpu"]).
@@ -278,6 +331,7 @@ class Conv(Family):
         if a["table"] is not None:
             sig.update({"block_start_ptr": "*i32", "block_chan_ptr": "*i32", "member_ptr": "*i8"})
         sig["y_ptr"] = pointer
+        sig.update(epilogue_signature(epilogue_of(graph, node), pointer))
         ints = ["batch", "c_in", "c_out", *(f"in_{d}" for d in dims), *(f"out_{d}" for d in dims)]
         if a["bias"] == "location":
             ints.append("n_positions")
@@ -299,8 +353,12 @@ class Conv(Family):
 
     # -- cost ----------------------------------------------------------------------------
     def cost(self, plan, graph, env):
+        """FLOPs: the GEMM's multiply-adds, plus one per output for each
+        epilogue step. Bytes: x, weights, bias and y, plus the epilogue's
+        residuals (read) and kept intermediates (stored)."""
         node = graph.node(plan.nodes[0])
-        a = node.attrs
+        a = anchor_step(node).attrs
+        ep = epilogue_of(graph, node)
         x, y = graph.type_of(node.inputs[0]), node.types[0]
         taps = math.prod(a["kernel"])
         rows = _numel(y, env) // a["out"]  # M = N · output positions
@@ -308,10 +366,11 @@ class Conv(Family):
             weights = table_connections(a["table"]) * taps  # only real connections
         else:
             weights = a["out"] * (x.channels // a["groups"]) * taps
-        flops = 2 * rows * weights
+        flops = 2 * rows * weights + _numel(y, env) * epilogue_flops(ep)
         bias = {"none": 0, "channel": a["out"], "location": _numel(y, env) // _numel_batch(y, env)}
         nbytes = ((_numel(x, env) + _numel(y, env)) * ITEMSIZE[x.dtype]
-                  + (weights + bias[a["bias"]]) * 4)
+                  + (weights + bias[a["bias"]]) * 4
+                  + epilogue_bytes(ep, _numel(y, env), ITEMSIZE[x.dtype]))
         return flops, nbytes
 
 

@@ -8,6 +8,11 @@ connection tables, flip, separable factors, 1-D to 3-D.
   only the taps that reach its class (no masked-out tap is ever multiplied)
   and every dx element is written once: no atomics. Depthwise layers (each
   group reads one channel) use a direct kernel instead of a width-1 tl.dot.
+  A fused node [_conv_dx, activation derivative...] (the fuse-backward-epilogue
+  pass: conv_dx+relu_dx, conv_dx+tanh_dx, ...) is the same kernel with the
+  derivatives applied to the fp32 sum before its one store (families/
+  epilogue.py); their second operand, the saved forward value, is a residual
+  loaded at dx's own offsets, so the pre-derivative dx never reaches memory.
 - ConvDw: GEMM with M = out/groups, N = (C/groups)·taps, K = N·positions,
   split-K into an fp32 partial-sum buffer [splits, …] and a second kernel that
   adds the splits (or, for a separable kernel, adds them and contracts dK with
@@ -17,10 +22,12 @@ connection tables, flip, separable factors, 1-D to 3-D.
 
 Sizes are arguments; the forward layer's geometry (kernel, stride, dilation,
 flip) is constexpr. Tile configurations are data: the interpreter ("cpu")
-uses one fixed tile and no split; a GPU uses the first entry.
+uses one fixed tile and no split; a GPU tunes among its candidates on first
+use (autotune.py), the first being the default that aot compiles.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -29,19 +36,31 @@ import triton
 
 from ...ir import ValueRef
 from ...ops.spatial import resolve_pads
+from .. import autotune
 from ..codegen import module_source, render, safe_name
 from ..loader import load_kernel
 from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
 from .conv import (
     DIMS,
+    SHARED_LIMIT,
     TORCH_DTYPE,
     Tile,
     WeightCache,
     dot_in_fp32,
+    epilogue_bytes,
+    epilogue_meta,
+    epilogue_outputs,
     input_precision,
     pick_tile,
     table_blocks,
     table_connections,
+)
+from .epilogue import (
+    anchor_step,
+    epilogue_flops,
+    epilogue_of,
+    launch_attrs,
+    launch_params,
 )
 from .spatial import numel, pad3, spatial3, target
 
@@ -181,6 +200,7 @@ class ConvDx(Family):
     """dx = the transpose of the forward conv applied to dy (eq. 9.13)."""
 
     name = "conv_dx"
+    fuses = True  # computes fused nodes [_conv_dx, activation derivative...] (lowering.py)
     tiles = (Tile(64, 64, 32, num_warps=4, num_stages=3),
              Tile(128, 64, 32, num_warps=8, num_stages=3))
     cpu_tile = Tile(64, 32, 32, num_warps=1, num_stages=1)
@@ -195,27 +215,33 @@ class ConvDx(Family):
         self._weights = WeightCache()
 
     def plan(self, graph, nodes) -> KernelPlan:
+        """A _conv_dx node, or a fused node [_conv_dx, activation derivatives...]:
+        inputs (dy, *residuals), outputs (the last step's value, *kept values)."""
         (node,) = nodes
-        g = _geometry(node)
-        dtype, shape = node.attrs["input_type"]
+        anchor = anchor_step(node)  # the _conv_dx itself, or step 0 of a fused node
+        ep = epilogue_of(graph, node)
+        g = _geometry(anchor)
+        dtype, shape = anchor.attrs["input_type"]
         channels = int(shape[1])
         direct = g.direct(channels)
-        name = safe_name("conv_dx", f"{g.rank}d", node.id)
+        name = safe_name("conv_dx", f"{g.rank}d", *ep.name_parts(), node.id)
         doc = (f"Input gradient of a {g.rank}-D {'separable ' if g.separable else ''}convolution, "
                f"kernel {'x'.join(map(str, g.kernel))}, stride {'x'.join(map(str, g.stride))}"
                + (f", {g.groups} groups" if g.groups > 1 else "")
                + (", connection table" if g.table is not None else "")
-               + (", direct (one channel per group)" if direct else "") + ".")
+               + (", direct (one channel per group)" if direct else "") + ep.describe() + ".")
         source = module_source(render(TEMPLATE, kind="dx", name=name, doc=doc,
                                       dims=list(DIMS[g.rank]), direct=direct,
                                       table=g.table is not None, separable=g.separable,
-                                      strided=any(s > 1 for s in g.stride)))
-        meta = {"rank": g.rank, "dtype": dtype, "direct": direct, "channels": channels}
-        return KernelPlan(name, self.name, source, (node.id,), (node.inputs[0],),
-                          (ValueRef(node.id, 0),), meta=meta, direction="backward")
+                                      strided=any(s > 1 for s in g.stride), ep=ep.template()))
+        meta = {"rank": g.rank, "dtype": dtype, "direct": direct, "channels": channels,
+                **epilogue_meta(ep)}
+        return KernelPlan(name, self.name, source, (node.id,), (anchor.inputs[0], *ep.residuals),
+                          (ValueRef(node.id, 0), *ep.kept_refs), meta=meta, direction="backward")
 
     @staticmethod
-    def arguments(g: Geometry, direct: bool) -> _Args:
+    def arguments(g: Geometry, direct: bool, residuals: int = 0, kept: int = 0) -> _Args:
+        """Run-time arguments in kernel order; the epilogue's pointers follow dx_ptr."""
         dims = DIMS[g.rank]
         args = _Args().add("ptr:dy", "dy_ptr")
         if g.separable:
@@ -225,6 +251,8 @@ class ConvDx(Family):
         if g.table is not None:
             args.add("ptr:i32", "block_start_ptr", "block_chan_ptr").add("ptr:i8", "member_ptr")
         args.add("ptr:dy", "dx_ptr")
+        args.add("ptr:dy", *(f"res{i}_ptr" for i in range(residuals)),
+                 *(f"kept{i}_ptr" for i in range(kept)))
         args.add("i32", "batch", "c_in", "c_out", "groups", *(f"in_{d}" for d in dims),
                  *(f"out_{d}" for d in dims), *(f"rows_{d}" for d in dims),
                  *(f"pad_{d}" for d in dims), *_strides("dy", dims))
@@ -255,13 +283,23 @@ class ConvDx(Family):
             return self.table_tile
         return pick_tile(self.tiles, itemsize, w_itemsize)
 
-    def launch(self, plan, kernel, inputs, params, attrs):
-        # Check inputs.
-        (dy,) = inputs
+    def candidates(self, direct: bool, device: str, itemsize: int, w_itemsize: int,
+                   table: bool = False, rank: int = 2) -> list[Tile]:
+        """The tile `tile` picks, then the other tiles that fit, for the autotuner."""
+        first = self.tile(direct, device, itemsize, w_itemsize, table, rank)
+        if direct or device == "cpu" or table or rank == 3:
+            return [first]
+        return [first] + [t for t in self.tiles if t != first
+                          and t.shared_bytes(itemsize, w_itemsize) <= SHARED_LIMIT]
+
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
+        # Check inputs: dy, then the epilogue's residuals (saved forward values).
+        dy, *residuals = inputs
         (node_id,) = plan.nodes
-        a, p = attrs[node_id], params[node_id]
+        a, p = launch_attrs(attrs[node_id]), launch_params(params[node_id])
         g = Geometry.of(a["fattrs"])
         dy = dy.detach()
+        assert len(residuals) == plan.meta["residuals"], (len(inputs), plan.meta)
         if dy.dtype not in TORCH_DTYPE.values():
             raise TypeError(f"the triton conv gradient takes f32/f16/bf16, got {dy.dtype}")
         shape = tuple(int(s) for s in a["input_type"][1])
@@ -270,13 +308,17 @@ class ConvDx(Family):
         direct = plan.meta["direct"]
         device = target(dy)
 
-        # Allocate the output: the forward input's shape, dy's dtype.
-        dx = torch.empty(shape, device=dy.device, dtype=dy.dtype)
+        # Allocate the output: the forward input's shape, dy's dtype; with an
+        # epilogue, a residual's layout, which the residuals and kept values share.
+        dx, residuals, kept = epilogue_outputs(residuals, shape, dy.dtype, dy.device,
+                                               torch.contiguous_format, plan.meta["kept"])
 
         groups = 1 if g.table is not None else g.groups
         c_in, c_out = channels // groups, g.out // groups
         values = {"dy_ptr": dy, "dx_ptr": dx, "batch": batch, "c_in": c_in, "c_out": c_out,
                   "groups": groups}
+        values.update({f"res{i}_ptr": r for i, r in enumerate(residuals)})
+        values.update({f"kept{i}_ptr": k for i, k in enumerate(kept)})
         if g.separable:
             factors = [p[f"weight_{i}"].detach() for i in range(g.rank)]
             values.update({f"w{i}_ptr": f for i, f in enumerate(factors)})
@@ -291,7 +333,12 @@ class ConvDx(Family):
             values.update(zip(["stride_wo", "stride_wc"] + [f"stride_w{d}" for d in dims],
                               weight.stride()))
             w_itemsize = weight.element_size()
-        tile = self.tile(direct, device, dy.element_size(), w_itemsize, g.table is not None, g.rank)
+        tile = config
+        if tile is None:  # tuned on first use on a GPU: timing relaunches each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            tiles = self.candidates(direct, device, dy.element_size(), w_itemsize,
+                                    g.table is not None, g.rank)
+            tile = autotune.choose(plan, tiles, (dy, *residuals), relaunch, extra=g)
         if g.table is not None:
             blocks = self._table_blocks(g.table, channels, tile.BLOCK_N, dy.device)
             values.update(zip(("block_start_ptr", "block_chan_ptr", "member_ptr"), blocks))
@@ -315,11 +362,11 @@ class ConvDx(Family):
 
         # Launch.
         options = tile.launch_options() if device == "gpu" else {}
-        kernel[grid](*self.arguments(g, direct).values(values),
+        kernel[grid](*self.arguments(g, direct, len(residuals), len(kept)).values(values),
                      **self.constexprs(g, tile, dy.dtype, dot_in_fp32(dy),
                                        needs_int64(dy, dx, values.get("w_ptr", dy))),
                      **options)
-        return [dx]
+        return [dx, *kept]
 
     @staticmethod
     def constexprs(g: Geometry, tile: Tile, dtype: torch.dtype, dot_fp32: bool,
@@ -338,13 +385,14 @@ class ConvDx(Family):
 
     def aot(self, plan, graph):
         node = graph.node(plan.nodes[0])
-        g = _geometry(node)
+        g = _geometry(anchor_step(node))
         dtype, direct = plan.meta["dtype"], plan.meta["direct"]
         w_itemsize = ITEMSIZE[dtype] if self.pack_weights["gpu"] else 4
         tile = self.tile(direct, "gpu", ITEMSIZE[dtype], w_itemsize, g.table is not None, g.rank)
         constexprs = self.constexprs(g, tile, TORCH_DTYPE[dtype], False, False)
-        args = self.arguments(g, direct)
-        sig = args.signature(dtype, constexprs)
+        ep = epilogue_of(graph, node)
+        args = self.arguments(g, direct, len(ep.residuals), len(ep.kept))
+        sig = args.signature(dtype, constexprs)  # the epilogue's pointers: epilogue_signature
         if g.separable or direct or not self.pack_weights["gpu"]:
             sig.update({n: "*fp32" for n, k in args.items if k == "ptr:w"})
         return sig, constexprs, tile.launch_options()
@@ -354,9 +402,13 @@ class ConvDx(Family):
 
     def cost(self, plan, graph, env):
         """A tl.dot FLOP count of the useful work: 2 per (dy element, tap, input
-        channel it reaches) — the residue classes skip the taps a stride misses."""
+        channel it reaches) — the residue classes skip the taps a stride misses —
+        plus one per dx element for each epilogue step. Bytes: dy read, dx
+        written, the weights, and the epilogue's residuals (read) and kept values
+        (written)."""
         node = graph.node(plan.nodes[0])
-        g = _geometry(node)
+        g = _geometry(anchor_step(node))
+        ep = epilogue_of(graph, node)
         dy = graph.type_of(node.inputs[0])
         dx = node.types[0]
         positions = numel(dy, env) // g.out  # N · output positions
@@ -364,9 +416,11 @@ class ConvDx(Family):
             weights = table_connections(g.table) * g.taps
         else:
             weights = g.out * (plan.meta["channels"] // g.groups) * g.taps
-        flops = 2 * positions * weights
+        n_dx = numel(dx, env)
+        flops = 2 * positions * weights + n_dx * epilogue_flops(ep)
         w_bytes = 4 * _weight_numel(g, plan.meta["channels"])
-        return flops, (numel(dy, env) + numel(dx, env)) * ITEMSIZE[dx.dtype] + w_bytes
+        return flops, ((numel(dy, env) + n_dx) * ITEMSIZE[dx.dtype] + w_bytes
+                       + epilogue_bytes(ep, n_dx, ITEMSIZE[dx.dtype]))
 
 
 def _pack_dx(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -383,7 +437,8 @@ class ConvDw(Family):
     """dW (eq. 9.11): one fp32 gradient per weight role, in attrs["roles"] order."""
 
     name = "conv_dw"
-    tiles = (Tile(64, 64, 32, num_warps=4, num_stages=3),)
+    tiles = (Tile(64, 64, 32, num_warps=4, num_stages=3),
+             Tile(128, 64, 32, num_warps=8, num_stages=3))  # a candidate for the autotuner
     cpu_tile = Tile(32, 64, 64, num_warps=1, num_stages=1)
     # Direct (depthwise) kernel: ((out, tap) rows, reduction) per program.
     DIRECT = {"gpu": [(32, 32)], "cpu": [(64, 256)]}
@@ -450,7 +505,15 @@ class ConvDw(Family):
             return self.tile_3d
         return pick_tile(self.tiles, itemsize, itemsize)
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def candidates(self, direct: bool, device: str, itemsize: int, rank: int = 2) -> list[Tile]:
+        """The tile `tile` picks, then the other tiles that fit, for the autotuner."""
+        first = self.tile(direct, device, itemsize, rank)
+        if direct or device == "cpu" or rank == 3:
+            return [first]
+        return [first] + [t for t in self.tiles if t != first
+                          and t.shared_bytes(itemsize, itemsize) <= SHARED_LIMIT]
+
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # Check inputs.
         dy, x = (t.detach() for t in inputs)
         (node_id,) = plan.nodes
@@ -462,7 +525,11 @@ class ConvDw(Family):
         batch, channels, sizes = x.shape[0], x.shape[1], tuple(x.shape[2:])
         groups = 1 if g.table is not None else g.groups
         c_in, c_out = channels // groups, g.out // groups
-        tile = self.tile(direct, device, dy.element_size(), g.rank)
+        tile = config
+        if tile is None:  # tuned on first use on a GPU: timing relaunches each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            tiles = self.candidates(direct, device, dy.element_size(), g.rank)
+            tile = autotune.choose(plan, tiles, (dy, x), relaunch, extra=g)
 
         # Grid and split: tiles of dW × splits of K (× groups).
         k_total = batch * math.prod(dy.shape[2:])

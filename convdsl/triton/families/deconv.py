@@ -1,10 +1,16 @@
 """Transpose convolution (eq. 9.12–9.14) in gather form: an implicit GEMM per
 stride phase, tl.dot over input channels for each tap the phase uses (see
 deconv.py.jinja). The output is the full transposed convolution read from
-`deconv_crops` on, `size` long; positions past its end get only the bias."""
+`deconv_crops` on, `size` long; positions past its end get only the bias.
+
+A fused node [deconv, elementwise steps...] (ops/fused.py; e.g. deconv+relu,
+deconv+sigmoid) is the same kernel with the steps applied to the fp32 tile
+before its one store (families/epilogue.py): the pre-activation never reaches
+global memory, unless the training variant keeps it for the backward pass."""
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import triton
@@ -13,6 +19,16 @@ from ...ir import ValueRef
 from ...ops.conv import deconv_crops, deconv_ranges
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, Family, KernelPlan, needs_int64
+from .epilogue import (
+    anchor_step,
+    epilogue_flops,
+    epilogue_of,
+    epilogue_signature,
+    launch_attrs,
+    launch_params,
+    like_output,
+    residual_operands,
+)
 from .spatial import (
     STRIDES_X,
     STRIDES_Y,
@@ -32,6 +48,35 @@ from .spatial import (
 )
 
 
+def epilogue_meta(graph, node) -> dict:
+    """Plan-time facts of a node's fused epilogue (none for a plain node): the
+    template parameter, the extra pointer arguments in kernel order, and counts."""
+    ep = epilogue_of(graph, node)
+    return {"ep": ep, "args": tuple(epilogue_signature(ep, "ptr:y").items()),
+            "residuals": len(ep.residuals), "kept": len(ep.kept), "flops": epilogue_flops(ep)}
+
+
+def epilogue_tensors(meta: dict, residuals: list, shape, dtype, device, plain=None):
+    """(y, {pointer name: tensor}) for a launch: y takes the first residual's
+    layout (else contiguous, or what `plain()` allocates); every residual is
+    brought to y's strides and every kept tensor allocated like y, so y's
+    offsets address them all."""
+    residuals = residual_operands(residuals)
+    if residuals or plain is None:
+        y = like_output(residuals[0] if residuals else None, shape, dtype, device,
+                        torch.contiguous_format)
+    else:
+        y = plain()
+    values = {}
+    for i, r in enumerate(residuals):
+        if r.stride() != y.stride():
+            r = torch.empty_like(y, dtype=r.dtype).copy_(r)
+        values[f"res{i}_ptr"] = r
+    for i in range(meta["kept"]):
+        values[f"kept{i}_ptr"] = torch.empty_like(y)
+    return y, values
+
+
 def output_geometry(attrs: dict, sizes) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(output sizes, crop starts) at concrete input sizes."""
     sizes = tuple(int(s) for s in sizes)
@@ -43,32 +88,39 @@ def output_geometry(attrs: dict, sizes) -> tuple[tuple[int, ...], tuple[int, ...
 
 class Deconv(Family):
     name = "deconv"
+    fuses = True  # computes fused nodes [deconv, elementwise epilogue...]
     # (BLOCK_M max, BLOCK_N max, BLOCK_K max), each clamped to the problem (>= 16 for tl.dot).
     # (BLOCK_M, BLOCK_N, BLOCK_K, pipeline stages of the channel loop). The
     # channel loop sits inside the tap loop: pipelining it 3 deep costs ~80
     # registers per thread, so 2 stages; larger tiles spill in the AOT build
     # (no alignment facts there: every row offset is held per thread).
-    CONFIGS = {"gpu": [(32, 32, 32, 2)], "cpu": [(128, 64, 64, 1)]}
+    CONFIGS: ClassVar[dict] = {"gpu": [(32, 32, 32, 2)], "cpu": [(128, 64, 64, 1)]}
 
     def plan(self, graph, nodes) -> KernelPlan:
         (node,) = nodes
-        x = graph.type_of(node.inputs[0])
-        a = node.attrs
+        anchor = anchor_step(node)  # the deconv itself, or step 0 of a fused node
+        x = graph.type_of(anchor.inputs[0])
+        a = anchor.attrs
         rank = x.rank - 2
-        name = safe_name("deconv", node.layer or "", node.id)
+        epilogue = epilogue_meta(graph, node)
+        ep = epilogue["ep"]
+        name = safe_name("deconv", node.layer or "", *ep.name_parts(), node.id)
         doc = (f"Transpose {rank}-D convolution, kernel {'x'.join(map(str, a['kernel']))}, "
-               f"stride {'x'.join(map(str, a['stride']))}, bias={a['bias']}.")
-        source = module_source(render("deconv.py.jinja", name=name, bias=a["bias"], doc=doc))
+               f"stride {'x'.join(map(str, a['stride']))}, bias={a['bias']}{ep.describe()}.")
+        source = module_source(render("deconv.py.jinja", name=name, bias=a["bias"], doc=doc,
+                                      ep=ep.template()))
         meta = {"rank": rank, "bias": a["bias"], "kernel": pad3(a["kernel"], 1),
-                "stride": pad3(a["stride"], 1), "dilation": pad3(a["dilation"], 1)}
-        return KernelPlan(name, self.name, source, (node.id,), (node.inputs[0],),
-                          (ValueRef(node.id, 0),), meta=meta)
+                "stride": pad3(a["stride"], 1), "dilation": pad3(a["dilation"], 1),
+                "epilogue": {k: v for k, v in epilogue.items() if k != "ep"}}
+        return KernelPlan(name, self.name, source, (node.id,),
+                          (anchor.inputs[0], *ep.residuals),
+                          (ValueRef(node.id, 0), *ep.kept_refs), meta=meta)
 
     @staticmethod
     def arguments(meta) -> Arguments:
         bias = meta["bias"]
         return Arguments((("x_ptr", "ptr:x"), ("w_ptr", "ptr:fp32")) + bias_args(bias)
-                         + (("y_ptr", "ptr:y"),)
+                         + (("y_ptr", "ptr:y"),) + meta["epilogue"]["args"]
                          + ints("N", "C_IN", "D", "H", "W", "C_OUT", "OD", "OH", "OW")
                          + (ints("n_positions") if bias == "location" else ())
                          + ints("J_D", "J_H", "J_W", "start_d", "start_h", "start_w")
@@ -86,18 +138,19 @@ class Deconv(Family):
     def launch(self, plan, kernel, inputs, params, attrs):
         # check inputs
         meta = plan.meta
-        (x,) = inputs
+        x, *residuals = inputs
         (node_id,) = plan.nodes
-        a, p = attrs[node_id], params[node_id]
-        assert x.dim() == meta["rank"] + 2
+        a, p = launch_attrs(attrs[node_id]), launch_params(params[node_id])
+        assert x.dim() == meta["rank"] + 2 and len(residuals) == meta["epilogue"]["residuals"]
         c_in, c_out = p["weight"].shape[:2]
         taps = math.prod(meta["kernel"])
         # [C_IN, C_OUT, *k] -> [taps, C_IN, C_OUT]: each tap's matrix dense, C_OUT contiguous
         weight = p["weight"].reshape(c_in, c_out, taps).permute(2, 0, 1).contiguous()
         assert c_in == x.shape[1]
         out_spatial, starts = output_geometry(a, x.shape[2:])
-        # allocate the output
-        y = torch.empty((x.shape[0], c_out) + out_spatial, device=x.device, dtype=x.dtype)
+        # allocate the output (in a residual's layout) and the kept intermediates like it
+        y, extra = epilogue_tensors(meta["epilogue"], residuals,
+                                    (x.shape[0], c_out) + out_spatial, x.dtype, x.device)
         (d, h, w), sx = spatial3(x)
         (od, oh, ow), sy = spatial3(y)
         phases = meta["stride"]
@@ -107,7 +160,7 @@ class Deconv(Family):
         block = (max(16, min(bm, pow2(rows))), max(16, min(bn, pow2(c_out))),
                  max(16, min(bk, pow2(c_in))), stages)
         values = {"x_ptr": x, "w_ptr": weight, **bias_value(p, meta["bias"]), "y_ptr": y,
-                  "N": x.shape[0], "C_IN": c_in, "D": d, "H": h, "W": w,
+                  **extra, "N": x.shape[0], "C_IN": c_in, "D": d, "H": h, "W": w,
                   "C_OUT": c_out, "OD": od, "OH": oh, "OW": ow,
                   **dict(zip(("J_D", "J_H", "J_W"), sub)),
                   **dict(zip(("start_d", "start_h", "start_w"), pad3(starts, 0))),
@@ -119,7 +172,7 @@ class Deconv(Family):
         kernel[grid](*self.arguments(meta).values(values),
                      **self.constexprs(meta, block, needs_int64(x, y),
                                      dot_options(x.device.type, x.dtype)))
-        return [y]
+        return [y, *(extra[f"kept{i}_ptr"] for i in range(meta["epilogue"]["kept"]))]
 
     def aot(self, plan, graph):
         dtype = graph.type_of(plan.inputs[0]).dtype
@@ -129,13 +182,18 @@ class Deconv(Family):
 
     def cost(self, plan, graph, env):
         """FLOPs of the taps that reach the output: 2·C_IN multiply-adds per
-        (output, tap landing on it) ≈ 2·C_IN·C_OUT·taps per input position."""
-        node = the_node(graph, plan)
+        (output, tap landing on it) ≈ 2·C_IN·C_OUT·taps per input position,
+        plus the bias and the epilogue per output. Bytes: x, the weight and
+        bias, y, and the epilogue's residuals read and kept values written."""
+        anchor = anchor_step(the_node(graph, plan))
         x, y = graph.type_of(plan.inputs[0]), graph.type_of(plan.outputs[0])
         outputs = numel(y, env)
         c_in = x.channels
-        taps = math.prod(node.attrs["kernel"]) / math.prod(node.attrs["stride"])
-        flops = int(2 * outputs * c_in * taps) + (outputs if node.attrs["bias"] != "none" else 0)
-        nbytes = ((numel(x, env) + outputs) * ITEMSIZE[x.dtype]
-                  + 4 * (param_numel(graph, node, "weight") + param_numel(graph, node, "bias")))
+        taps = math.prod(anchor.attrs["kernel"]) / math.prod(anchor.attrs["stride"])
+        flops = (int(2 * outputs * c_in * taps) + (outputs if anchor.attrs["bias"] != "none" else 0)
+                 + outputs * plan.meta["epilogue"]["flops"])
+        # x; y, each residual and each kept value (all of y's size)
+        tensors = numel(x, env) + outputs * (len(plan.inputs) - 1 + len(plan.outputs))
+        nbytes = (tensors * ITEMSIZE[x.dtype]
+                  + 4 * (param_numel(graph, anchor, "weight") + param_numel(graph, anchor, "bias")))
         return flops, nbytes

@@ -2,6 +2,11 @@
 input gradient dx = dy @ W and the weight gradient dW = dy^T @ x, each one
 tiled GEMM with tl.dot and an fp32 accumulator.
 
+A fused node [_dense_dx, activation derivative...] (the fuse-backward-epilogue
+pass: dense_dx+relu_dx, ...) is the dx kernel with the derivatives applied to
+the fp32 accumulator before its one store (families/epilogue.py); the saved
+forward value they read is a residual loaded at dx's own offsets.
+
 The module also holds what every weight gradient of the convolution family
 shares (the deconv_grad and local_grad families import it): `SplitK`, which
 cuts a long reduction into slices whose partial sums a second kernel
@@ -10,16 +15,27 @@ atomics contend for the same few weights.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 
 from ...ir import ValueRef
+from .. import autotune
 from ..codegen import module_source, render, safe_name
 from ..loader import load_kernel
 from .base import ITEMSIZE, Family, KernelPlan, needs_int64
-from .conv import TORCH_DTYPE, Tile, dot_in_fp32, input_precision
+from .conv import (
+    TORCH_DTYPE,
+    Tile,
+    dot_in_fp32,
+    epilogue_bytes,
+    epilogue_meta,
+    epilogue_outputs,
+    input_precision,
+)
+from .epilogue import anchor_step, epilogue_flops, epilogue_of, launch_params
 from .spatial import Arguments, ints, numel, pow2, target
 
 # -- shared by the weight gradients -----------------------------------------------------------
@@ -129,25 +145,37 @@ class DenseDx(Family):
 
     name = "dense_dx"
     kind = "dx"
+    fuses = True  # dx computes fused nodes [_dense_dx, activation derivative...] (lowering.py)
     # Tiles as data: GPU the first entry, the interpreter its own fixed one.
-    CONFIGS = {"gpu": [Tile(64, 64, 32, num_warps=4, num_stages=3)],
+    CONFIGS = {"gpu": [Tile(64, 64, 32, num_warps=4, num_stages=3),
+                       Tile(128, 64, 16, num_warps=8, num_stages=3)],
                "cpu": [Tile(64, 64, 64, num_warps=1, num_stages=1)]}
     MATMUL = "matmul"  # F.linear's fp32 products follow torch.backends.cuda.matmul.allow_tf32
 
     def plan(self, graph, nodes) -> KernelPlan:
+        """The gradient node, or (dx) a fused node [_dense_dx, activation
+        derivatives...]: inputs (dy, *residuals), outputs (the last step's value,
+        *kept values)."""
         (node,) = nodes
-        dy = graph.type_of(node.inputs[0])
-        name = safe_name(self.name, weight_layer(node), node.id)
+        anchor = anchor_step(node)  # the gradient node itself, or step 0 of a fused node
+        ep = epilogue_of(graph, node)
+        dy = graph.type_of(anchor.inputs[0])
+        name = safe_name(self.name, weight_layer(anchor), *ep.name_parts(), node.id)
         what = "input" if self.kind == "dx" else "weight"
         doc = (f"{what.capitalize()} gradient of a fully connected layer, "
-               f"{_features(graph, node)} -> {node.attrs['fattrs']['out']} features.")
-        sources = [render("dense_grad.py.jinja", kind=self.kind, name=name, doc=doc)]
+               f"{_features(graph, anchor)} -> {anchor.attrs['fattrs']['out']} features"
+               f"{ep.describe()}.")
+        sources = [render("dense_grad.py.jinja", kind=self.kind, name=name, doc=doc,
+                          ep=ep.template())]
         if self.kind == "dw":
             sources.append(reduce_source(name, "a dense weight gradient"))
-        outputs = tuple(ValueRef(node.id, i) for i in range(len(node.types)))
+        if node is anchor:
+            outputs = tuple(ValueRef(node.id, i) for i in range(len(node.types)))
+        else:
+            outputs = (ValueRef(node.id, 0), *ep.kept_refs)
         return KernelPlan(name, self.name, module_source(*sources), (node.id,),
-                          tuple(node.inputs), outputs, meta={"dtype": dy.dtype},
-                          direction="backward")
+                          (*anchor.inputs, *ep.residuals), outputs,
+                          meta={"dtype": dy.dtype, **epilogue_meta(ep)}, direction="backward")
 
     @staticmethod
     def precision(dtype: torch.dtype, device: str) -> str:
@@ -155,30 +183,41 @@ class DenseDx(Family):
             return "ieee"
         return input_precision(dtype, torch.backends.cuda.matmul.allow_tf32)
 
-    def launch(self, plan, kernel, inputs, params, attrs):
-        # Check inputs.
-        dy = inputs[0].detach()
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
+        # Check inputs: dy, then the epilogue's residuals (saved forward values).
+        dy, *residuals = (t.detach() for t in inputs)
         (node_id,) = plan.nodes
-        weight = params[node_id]["weight"].detach()
+        weight = launch_params(params[node_id])["weight"].detach()
         assert dy.dim() == 2 and weight.dim() == 2 and dy.shape[1] == weight.shape[0]
+        assert len(residuals) == plan.meta["residuals"], (len(inputs), plan.meta)
         device = target(dy)
-        tile = self.CONFIGS[device][0]
         batch, c_out = dy.shape
         features = weight.shape[1]
-        # Allocate the output.
-        dx = torch.empty((batch, features), device=dy.device, dtype=dy.dtype)
+        # Allocate the output (a residual's layout when there is one: the
+        # residuals and kept values share dx's offsets).
+        dx, residuals, kept = epilogue_outputs(residuals, (batch, features), dy.dtype, dy.device,
+                                               torch.contiguous_format, plan.meta["kept"])
+        tile = config
+        if tile is None:  # tuned on first use on a GPU: timing relaunches each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            tile = autotune.choose(plan, self.CONFIGS[device], (dy, weight, *residuals),
+                                   relaunch)
         # Grid and launch.
         bm, bn, bk = gemm_blocks(tile, device, batch, features, c_out)
         grid = (triton.cdiv(batch, bm), triton.cdiv(features, bn))
-        kernel[grid](dy, weight, dx, batch, features, c_out,
+        kernel[grid](dy, weight, dx, *residuals, *kept, batch, features, c_out,
                      *dy.stride(), *weight.stride(), *dx.stride(),
                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                      INPUT_PRECISION=self.precision(dy.dtype, device), DOT_FP32=dot_in_fp32(dy),
                      INDEX_64=needs_int64(dy, weight, dx), **launch_options(tile, device))
-        return [dx]
+        return [dx, *kept]
 
-    def arguments(self) -> Arguments:
+    def arguments(self, residuals: int = 0, kept: int = 0) -> Arguments:
+        """Run-time arguments in kernel order; the epilogue's pointers follow dx_ptr."""
+        epilogue = tuple((f"res{i}_ptr", "ptr:y") for i in range(residuals)) + tuple(
+            (f"kept{i}_ptr", "ptr:y") for i in range(kept))
         return Arguments((("dy_ptr", "ptr:x"), ("w_ptr", "ptr:fp32"), ("dx_ptr", "ptr:y"))
+                         + epilogue
                          + ints("batch", "features", "c_out", "stride_dyn", "stride_dyo",
                                 "stride_wo", "stride_wf", "stride_dxn", "stride_dxf"))
 
@@ -190,17 +229,25 @@ class DenseDx(Family):
 
     def aot(self, plan, graph):
         constexprs = self.constexprs(plan)
-        return (self.arguments().signature(plan.meta["dtype"], constexprs), constexprs,
+        # dx: the epilogue's pointers too (epilogue_signature's names, after dx_ptr)
+        args = (self.arguments(plan.meta["residuals"], plan.meta["kept"]) if self.kind == "dx"
+                else self.arguments())
+        return (args.signature(plan.meta["dtype"], constexprs), constexprs,
                 self.CONFIGS["gpu"][0].launch_options())
 
     def cost(self, plan, graph, env):
+        """2 FLOPs per multiply-add, plus one per dx element for each epilogue
+        step. Bytes: dy read, dx written, the fp32 weight, and the epilogue's
+        residuals (read) and kept values (written)."""
         node = graph.node(plan.nodes[0])
-        dy = graph.type_of(node.inputs[0])
+        anchor = anchor_step(node)
+        ep = epilogue_of(graph, node)
+        dy = graph.type_of(anchor.inputs[0])
         rows, c_out = numel(dy, env) // int(dy.shape[1]), int(dy.shape[1])
-        features = _features(graph, node)
-        flops = 2 * rows * features * c_out
+        features = _features(graph, anchor)
+        flops = 2 * rows * features * c_out + rows * features * epilogue_flops(ep)
         nbytes = (rows * (c_out + features)) * ITEMSIZE[dy.dtype] + c_out * features * 4
-        return flops, nbytes
+        return flops, nbytes + epilogue_bytes(ep, rows * features, ITEMSIZE[dy.dtype])
 
 
 class DenseDw(DenseDx):
@@ -209,11 +256,12 @@ class DenseDw(DenseDx):
     name = "dense_dw"
     kind = "dw"
     # BLOCK_K 16: with dy read transposed, 32 spills on sm_80 in fp32.
-    CONFIGS = {"gpu": [Tile(64, 64, 16, num_warps=4, num_stages=3)],
+    CONFIGS = {"gpu": [Tile(64, 64, 16, num_warps=4, num_stages=3),
+                       Tile(128, 64, 16, num_warps=8, num_stages=3)],
                "cpu": [Tile(64, 64, 64, num_warps=1, num_stages=1)]}
     split_k = SPLIT_K
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # Check inputs.
         dy, x = (t.detach() for t in inputs)
         (node_id,) = plan.nodes
@@ -222,7 +270,10 @@ class DenseDw(DenseDx):
         features = x.shape[1]
         assert x.shape[0] == batch and tuple(shape) == (c_out, features)
         device = target(dy)
-        tile = self.CONFIGS[device][0]
+        tile = config
+        if tile is None:  # tuned on first use on a GPU: timing relaunches each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            tile = autotune.choose(plan, self.CONFIGS[device], (dy, x), relaunch)
         bm, bn, bk = gemm_blocks(tile, device, c_out, features, batch)
         tiles = triton.cdiv(c_out, bm) * triton.cdiv(features, bn)
         splits, per = self.split_k[device].slices(batch, tiles, bk)

@@ -4,17 +4,23 @@ Both are a set of weight matrices [C_OUT, C·taps], one per *class* of output
 positions: for `local` every position is its own class, for `tiled` position p
 belongs to class p mod t. One kernel (local.py.jinja) runs an implicit GEMM per
 class, rows = (sample, position of the class), so each weight element is read
-once per block of rows — the weight is the big tensor of `local`."""
+once per block of rows — the weight is the big tensor of `local`.
+
+A fused node [local or tiled, elementwise steps...] (ops/fused.py; e.g.
+local+relu, tiled+relu) is the same kernel with the steps applied to the fp32
+tile before its one store (families/epilogue.py, as deconv.py does)."""
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
-import torch
 import triton
 
 from ...ir import ValueRef
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, Family, KernelPlan, needs_int64
+from .deconv import epilogue_meta, epilogue_tensors
+from .epilogue import anchor_step, launch_attrs, launch_params
 from .spatial import (
     STRIDES_X,
     STRIDES_Y,
@@ -38,32 +44,39 @@ from .spatial import (
 
 class Local(Family):
     name = "local"
+    fuses = True  # computes fused nodes [local or tiled, elementwise epilogue...]
     # (BLOCK_M max, BLOCK_N max, BLOCK_K max), each clamped to the problem (>= 16
     # for tl.dot). GPU: the first entry. A local class has one row per sample, so
     # BLOCK_M is small and the weight slab (BLOCK_K x BLOCK_N) wide.
-    CONFIGS = {"gpu": [(16, 64, 64)], "cpu": [(64, 64, 64)]}
+    CONFIGS: ClassVar[dict] = {"gpu": [(16, 64, 64)], "cpu": [(64, 64, 64)]}
 
     def plan(self, graph, nodes) -> KernelPlan:
         (node,) = nodes
-        x = graph.type_of(node.inputs[0])
-        a = node.attrs
+        anchor = anchor_step(node)  # the layer itself, or step 0 of a fused node
+        x = graph.type_of(anchor.inputs[0])
+        a = anchor.attrs
         rank = x.rank - 2
-        name = safe_name(self.name, node.layer or "", node.id)
-        what = "Locally connected" if self.name == "local" else f"Tiled ({'x'.join(map(str, a['tiles']))} tiles)"
+        epilogue = epilogue_meta(graph, node)
+        ep = epilogue["ep"]
+        name = safe_name(self.name, node.layer or "", *ep.name_parts(), node.id)
+        what = ("Locally connected" if self.name == "local"
+                else f"Tiled ({'x'.join(map(str, a['tiles']))} tiles)")
         doc = (f"{what} {rank}-D convolution, kernel {'x'.join(map(str, a['kernel']))}, "
-               f"bias={a['bias']}.")
+               f"bias={a['bias']}{ep.describe()}.")
         source = module_source(render("local.py.jinja", name=name, op=self.name, bias=a["bias"],
-                                      doc=doc))
+                                      doc=doc, ep=ep.template()))
         meta = {"rank": rank, "bias": a["bias"], "kernel": pad3(a["kernel"], 1),
-                "stride": pad3(a["stride"], 1)}
-        return KernelPlan(name, self.name, source, (node.id,), (node.inputs[0],),
-                          (ValueRef(node.id, 0),), meta=meta)
+                "stride": pad3(a["stride"], 1),
+                "epilogue": {k: v for k, v in epilogue.items() if k != "ep"}}
+        return KernelPlan(name, self.name, source, (node.id,),
+                          (anchor.inputs[0], *ep.residuals),
+                          (ValueRef(node.id, 0), *ep.kept_refs), meta=meta)
 
     @staticmethod
     def arguments(meta) -> Arguments:
         bias = meta["bias"]
         return Arguments((("x_ptr", "ptr:x"), ("w_ptr", "ptr:fp32")) + bias_args(bias)
-                         + (("y_ptr", "ptr:y"),)
+                         + (("y_ptr", "ptr:y"),) + meta["epilogue"]["args"]
                          + ints("N", "C", "D", "H", "W", "C_OUT", "OD", "OH", "OW")
                          + (ints("n_positions") if bias == "location" else ())
                          + ints("T_D", "T_H", "T_W", "J_D", "J_H", "J_W", "pad_d", "pad_h", "pad_w",
@@ -85,10 +98,10 @@ class Local(Family):
     def launch(self, plan, kernel, inputs, params, attrs):
         # check inputs
         meta = plan.meta
-        (x,) = inputs
+        x, *residuals = inputs
         (node_id,) = plan.nodes
-        a, p = attrs[node_id], params[node_id]
-        assert x.dim() == meta["rank"] + 2
+        a, p = launch_attrs(attrs[node_id]), launch_params(params[node_id])
+        assert x.dim() == meta["rank"] + 2 and len(residuals) == meta["epilogue"]["residuals"]
         weight = p["weight"].contiguous()
         c_out, channels = a["out"], x.shape[1]
         pads = concrete_pads(a, x.shape[2:])
@@ -96,8 +109,9 @@ class Local(Family):
         reduction = channels * math.prod(a["kernel"])
         tiles, stride_wclass, stride_wo = self.classes(a, weight, out_spatial, c_out, reduction)
         assert weight.numel() == math.prod(tiles) * c_out * reduction, "weight shape"
-        # allocate the output
-        y = torch.empty((x.shape[0], c_out) + out_spatial, device=x.device, dtype=x.dtype)
+        # allocate the output (in a residual's layout) and the kept intermediates like it
+        y, extra = epilogue_tensors(meta["epilogue"], residuals,
+                                    (x.shape[0], c_out) + out_spatial, x.dtype, x.device)
         (d, h, w), sx = spatial3(x)
         (od, oh, ow), sy = spatial3(y)
         sub = [triton.cdiv(o, t) for o, t in zip((od, oh, ow), tiles)]
@@ -106,7 +120,7 @@ class Local(Family):
         block = (max(16, min(bm, pow2(rows))), max(16, min(bn, pow2(c_out))),
                  max(16, min(bk, pow2(reduction))))
         values = {"x_ptr": x, "w_ptr": weight, **bias_value(p, meta["bias"]), "y_ptr": y,
-                  "N": x.shape[0], "C": channels, "D": d, "H": h, "W": w,
+                  **extra, "N": x.shape[0], "C": channels, "D": d, "H": h, "W": w,
                   "C_OUT": c_out, "OD": od, "OH": oh, "OW": ow,
                   **dict(zip(("T_D", "T_H", "T_W"), tiles)), **dict(zip(("J_D", "J_H", "J_W"), sub)),
                   **dict(zip(("pad_d", "pad_h", "pad_w"), pad3([b for b, _ in pads], 0))),
@@ -119,7 +133,7 @@ class Local(Family):
         kernel[grid](*self.arguments(meta).values(values),
                      **self.constexprs(meta, block, needs_int64(x, y, weight),
                                      dot_options(x.device.type, x.dtype)))
-        return [y]
+        return [y, *(extra[f"kept{i}_ptr"] for i in range(meta["epilogue"]["kept"]))]
 
     def aot(self, plan, graph):
         dtype = graph.type_of(plan.inputs[0]).dtype
@@ -128,13 +142,19 @@ class Local(Family):
         return self.arguments(plan.meta).signature(dtype, constexprs), constexprs
 
     def cost(self, plan, graph, env):
-        node = the_node(graph, plan)
+        """FLOPs: 2·C·taps per output, plus the bias and the epilogue per output.
+        Bytes: x, the weight and bias, y, and the epilogue's residuals read and
+        kept values written."""
+        anchor = anchor_step(the_node(graph, plan))
         x, y = graph.type_of(plan.inputs[0]), graph.type_of(plan.outputs[0])
         outputs = numel(y, env)
-        reduction = x.channels * math.prod(node.attrs["kernel"])
-        flops = 2 * outputs * reduction + (outputs if node.attrs["bias"] != "none" else 0)
-        nbytes = ((numel(x, env) + outputs) * ITEMSIZE[x.dtype]
-                  + 4 * (param_numel(graph, node, "weight") + param_numel(graph, node, "bias")))
+        reduction = x.channels * math.prod(anchor.attrs["kernel"])
+        flops = (2 * outputs * reduction + (outputs if anchor.attrs["bias"] != "none" else 0)
+                 + outputs * plan.meta["epilogue"]["flops"])
+        # x; y, each residual and each kept value (all of y's size)
+        tensors = numel(x, env) + outputs * (len(plan.inputs) - 1 + len(plan.outputs))
+        nbytes = (tensors * ITEMSIZE[x.dtype]
+                  + 4 * (param_numel(graph, anchor, "weight") + param_numel(graph, anchor, "bias")))
         return flops, nbytes
 
 
@@ -144,7 +164,7 @@ class Tiled(Local):
     name = "tiled"
     # 32 rows x 64 channels x 32 K: ~170 registers in the AOT build (no
     # alignment facts there, every row index held per thread), no spills.
-    CONFIGS = {"gpu": [(32, 64, 32)], "cpu": [(64, 64, 64)]}
+    CONFIGS: ClassVar[dict] = {"gpu": [(32, 64, 32)], "cpu": [(64, 64, 64)]}
 
     def classes(self, attrs, weight, out_spatial, c_out, reduction):
         return pad3(attrs["tiles"], 1), c_out * reduction, reduction

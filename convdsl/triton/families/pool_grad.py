@@ -17,6 +17,14 @@ ceil(a/m) + 1 of them). Per window the input's share of dy is
 * wavg — the input's normalised Gaussian weight in that window (a product of
   per-dim weights, since the real taps of a window form a box).
 
+A fused node [_pool_dx, activation derivative...] (ops/fused.py, made by the
+fuse-backward-epilogue pass: pool_dx+relu_dx, pool_dx+tanh_dx, ...) is the
+same kernel with the derivatives applied to each lane's gathered fp32 sum
+before its one store (families/epilogue.py): their second operand, the saved
+forward value, is a residual loaded at the lane's own input position. For max
+and Lp that is usually the very tensor the windows are rescanned from; it is
+simply loaded twice (the second load of one element per lane hits the cache).
+
 Maxout's gradient works per group instead: one lane finds a group's argmax
 channel (the first maximal, as torch.max's index) and writes all its dx
 elements, dy at the argmax and 0 at the others.
@@ -31,8 +39,11 @@ import triton
 from ...ir import ValueRef
 from ...ir.types import evaluate, static_value
 from ...ops.spatial import resolve_pads
+from .. import autotune
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, POINTER, Family, KernelPlan, float_literal, needs_int64
+from .deconv import epilogue_meta, epilogue_tensors
+from .epilogue import anchor_step, launch_attrs
 from .pool import (
     DIMS,
     cell_bounds,
@@ -40,10 +51,10 @@ from .pool import (
     empty_output,
     longest_cell,
     numel,
-    pick_config,
 )
 
-# Block configs, best first. The GPU takes the first (autotuning comes later).
+# Block configs, best first. The GPU tunes among its list on first use
+# (autotune.py); the first is the default and what aot compiles.
 # BLOCK: inputs per program; max and lp rescan each window as a [BLOCK, TBLOCK]
 # tile of taps, so for them BLOCK shrinks until the tile holds at most TILE
 # values: 4 a thread at num_warps=4 keeps a 3x3 or 3x3x3 window near 70
@@ -111,12 +122,16 @@ def _wavg_params(window, sigma: float, clipped: bool) -> dict:
 
 class PoolDx(Family):
     name = "pool_dx"
+    fuses = True  # computes fused nodes [_pool_dx, activation derivative...]
 
     def plan(self, graph, nodes) -> KernelPlan:
         (node,) = nodes
-        f = node.attrs["fattrs"]
+        anchor = anchor_step(node)  # the _pool_dx itself, or step 0 of a fused node
+        epilogue = epilogue_meta(graph, node)
+        ep = epilogue["ep"]
+        f = anchor.attrs["fattrs"]
         kind, adaptive = f["kind"], "output" in f
-        rank = len(node.attrs["input_type"][1]) - 2
+        rank = len(anchor.attrs["input_type"][1]) - 2
         dims = _dims(rank)
         scans = kind in ("max", "lp")  # rescans each window it visits
         params = {"kind": kind, "dims": dims, "adaptive": adaptive, "reads_x": scans,
@@ -144,14 +159,19 @@ class PoolDx(Family):
                 params.update(_wavg_params(window, f["sigma"], clipped))
             # Unrolled, the tiles of several windows would be live at once.
             params["unroll_cands"] = cands <= UNROLL and not scans and not params["clipped"]
-        name = safe_name("pool", kind, "adaptive" if adaptive else "", "dx", node.id)
-        source = module_source(render("pool_grad.py.jinja", name=name, **params))
+        name = safe_name("pool", kind, "adaptive" if adaptive else "", "dx", *ep.name_parts(),
+                         node.id)
+        source = module_source(render("pool_grad.py.jinja", name=name, ep=ep.template(),
+                                      **params))
         meta = {"kind": kind, "rank": rank, "adaptive": adaptive, "reads_x": scans,
                 "clipped": params["clipped"],
                 "window": tuple(f.get("window") or ()), "stride": tuple(f.get("stride") or ()),
-                "output": tuple(f.get("output") or ())}
-        return KernelPlan(name, self.name, source, (node.id,), tuple(node.inputs),
-                          (ValueRef(node.id, 0),), meta=meta, direction="backward")
+                "output": tuple(f.get("output") or ()),
+                "epilogue": {k: v for k, v in epilogue.items() if k != "ep"}}
+        # inputs: dy (and x for max / lp), then the epilogue's saved forward values
+        return KernelPlan(name, self.name, source, (node.id,),
+                          (*anchor.inputs, *ep.residuals),
+                          (ValueRef(node.id, 0), *ep.kept_refs), meta=meta, direction="backward")
 
     @staticmethod
     def _constexprs(meta: dict, taps: list[int], cells: list[int]) -> dict:
@@ -177,12 +197,15 @@ class PoolDx(Family):
         block = max(1, min(config["BLOCK"], config["TILE"] // width))
         return {"BLOCK": block, "num_warps": config["num_warps"]}
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # check inputs
         meta = plan.meta
         dy = inputs[0]
         x = inputs[1] if meta["reads_x"] else None
+        residuals = inputs[2 if meta["reads_x"] else 1:]
+        assert len(residuals) == meta["epilogue"]["residuals"], (len(inputs), meta)
         (a,) = attrs.values()
+        a = launch_attrs(a)  # the _pool_dx step's attributes
         shape = tuple(int(s) for s in a["input_type"][1])
         sizes, out_sizes = shape[2:], tuple(dy.shape[2:])
         assert len(sizes) == meta["rank"] == dy.dim() - 2, (shape, dy.shape, meta)
@@ -197,19 +220,29 @@ class PoolDx(Family):
             pads = [int(b) for b, _ in resolve_pads(a["fattrs"]["pad"], sizes, window, stride)]
             taps, cells = list(window), [-(-k // s) for k, s in zip(window, stride)]
         constexprs = self._constexprs(meta, taps, cells)
-        # allocate dx (dy's dtype) in the layout of x, or of dy when x is not read
+        # allocate dx (dy's dtype) in the layout of a residual (the saved value the
+        # epilogue reads), else of x, or of dy when x is not read; kept values like dx
         c_inner = channels_inner(x if x is not None else dy)
-        dx = empty_output(dy, shape, c_inner)
+        dx, extra = epilogue_tensors(meta["epilogue"], residuals, shape, dy.dtype, dy.device,
+                                     plain=lambda: empty_output(dy, shape, c_inner))
+        if residuals:
+            c_inner = channels_inner(dx)  # lanes walk dx's memory order, now a residual's
+        kept = [extra[f"kept{i}_ptr"] for i in range(meta["epilogue"]["kept"])]
         if dx.numel() == 0:
-            return [dx]
-        # grid and launch
-        config = self._block(pick_config(CONFIGS, dy), constexprs)
+            return [dx, *kept]
+        # grid and launch; the config is tuned on first use on a GPU
+        if config is None:  # timing relaunches this with each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            config = autotune.choose(plan, CONFIGS, [dy] + ([x] if x is not None else [])
+                                     + list(residuals), relaunch, extra=constexprs)
+        config = self._block(config, constexprs)
         grid = (triton.cdiv(dx.numel(), config["BLOCK"]),)
         operands = [dy] + ([x] if x is not None else []) + [dx]
         strides = [*dy.stride(), *(x.stride() if x is not None else ()), *dx.stride()]
-        kernel[grid](*operands, dx.numel(), shape[1], *sizes, *out_sizes, *pads, *strides,
-                     **constexprs, C_INNER=c_inner, INDEX_64=needs_int64(*operands), **config)
-        return [dx]
+        kernel[grid](*operands, *extra.values(), dx.numel(), shape[1], *sizes, *out_sizes, *pads,
+                     *strides, **constexprs, C_INNER=c_inner, INDEX_64=needs_int64(*operands),
+                     **config)
+        return [dx, *kept]
 
     def aot(self, plan, graph):
         meta = plan.meta
@@ -224,6 +257,8 @@ class PoolDx(Family):
         signature = {f"{t}_ptr": POINTER[dy_type.dtype] for t in tensors}
         if meta["reads_x"]:
             signature["x_ptr"] = POINTER[graph.type_of(plan.inputs[1]).dtype]
+        # the epilogue's residual and kept pointers follow dx_ptr (epilogue_signature)
+        signature.update({name: POINTER[dy_type.dtype] for name, _ in meta["epilogue"]["args"]})
         signature.update({name: "i32" for name in names})
         if meta["adaptive"]:
             taps, cells = [], []
@@ -258,8 +293,12 @@ class PoolDx(Family):
             pairs = n_out * math.prod(meta["window"])
             taps = math.prod(meta["window"])
         flops = pairs * (_WINDOW_FLOPS[meta["kind"]] + taps * _TAP_FLOPS[meta["kind"]])
-        reads = n_out + (n_in if meta["reads_x"] else 0)  # dy (and x) once each, ideally
-        return flops, (reads + n_in) * ITEMSIZE[dy_type.dtype]
+        flops += n_in * meta["epilogue"]["flops"]  # the activation derivatives, per input
+        # dy, and each distinct input-sized tensor (x, the epilogue's saved
+        # values) once, ideally; dx and any kept values written
+        reads = n_out + n_in * len(set(plan.inputs[1:]))
+        writes = n_in * len(plan.outputs)
+        return flops, (reads + writes) * ITEMSIZE[dy_type.dtype]
 
 
 class MaxoutDx(Family):
@@ -278,7 +317,7 @@ class MaxoutDx(Family):
                           (ValueRef(node.id, 0),), meta={"rank": len(dims), "pieces": pieces},
                           direction="backward")
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # check inputs
         dy, x = inputs
         pieces = plan.meta["pieces"]
@@ -289,8 +328,10 @@ class MaxoutDx(Family):
         dx = empty_output(dy, tuple(x.shape), c_inner)
         if dx.numel() == 0:
             return [dx]
-        # grid and launch
-        config = pick_config(MAXOUT_CONFIGS, dy)
+        # grid and launch; the config is tuned on first use on a GPU
+        if config is None:  # timing relaunches this with each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            config = autotune.choose(plan, MAXOUT_CONFIGS, (dy, x), relaunch, extra=pieces)
         grid = (triton.cdiv(dy.numel(), config["BLOCK"]),)
         kernel[grid](dy, x, dx, dy.numel(), c // pieces, *sizes, *dy.stride(), *x.stride(),
                      *dx.stride(), PIECES=pieces, C_INNER=c_inner,

@@ -1,7 +1,12 @@
 """Separable convolution (conv with separable=true): one fused kernel runs the
 d 1-D passes with the intermediate kept in registers (see separable.py.jinja).
-Groups and connection tables (as CSR row lists) are supported."""
+Groups and connection tables (as CSR row lists) are supported.
+
+A fused node [separable conv, elementwise steps...] (ops/fused.py) is the same
+kernel with the epilogue (families/epilogue.py) applied before the one store."""
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import triton
@@ -9,6 +14,15 @@ import triton
 from ...ir import ValueRef
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, Family, KernelPlan, needs_int64
+from .conv import epilogue_bytes, epilogue_meta, epilogue_outputs
+from .epilogue import (
+    anchor_step,
+    epilogue_flops,
+    epilogue_of,
+    epilogue_signature,
+    launch_attrs,
+    launch_params,
+)
 from .spatial import (
     STRIDES_X,
     STRIDES_Y,
@@ -42,29 +56,34 @@ def rows_for(size: int, keff: int, stride: int, rows: int) -> tuple[int, int, in
 class Separable(Family):
     name = "separable"
     # (ROWS_D, ROWS_H, BLOCK_W) per spatial rank; rank 1 keeps unit D and H.
-    CONFIGS = {
+    CONFIGS: ClassVar[dict] = {
         "gpu": [{1: (1, 1, 256), 2: (1, 16, 64), 3: (8, 8, 32)}],
         "cpu": [{1: (1, 1, 1024), 2: (1, 32, 64), 3: (8, 16, 32)}],
     }
-    _tables: dict = {}
+    _tables: ClassVar[dict] = {}
 
     def plan(self, graph, nodes) -> KernelPlan:
+        """A separable conv node, or a fused node [separable conv, elementwise
+        steps...]: inputs (x, *residuals), outputs (the last step's value, *kept)."""
         (node,) = nodes
+        anchor = anchor_step(node)
+        ep = epilogue_of(graph, node)
         x = graph.type_of(node.inputs[0])
-        a = node.attrs
+        a = anchor.attrs
         rank = x.rank - 2
         table = a["table"] is not None
-        name = safe_name("separable", node.layer or "", node.id)
+        name = safe_name("separable", anchor.layer or "", *ep.name_parts(), node.id)
         channels = "connection table" if table else f"groups={a['groups']}"
         doc = (f"Separable {rank}-D convolution, kernel {'x'.join(map(str, a['kernel']))} as "
-               f"{rank} fused 1-D passes, {channels}, bias={a['bias']}.")
+               f"{rank} fused 1-D passes, {channels}, bias={a['bias']}{ep.describe()}.")
         source = module_source(render("separable.py.jinja", name=name, rank=rank, table=table,
-                                      bias=a["bias"], doc=doc))
+                                      bias=a["bias"], doc=doc, ep=ep.template()))
         meta = {"rank": rank, "bias": a["bias"], "table": table,
                 "kernel": pad3(a["kernel"], 1), "stride": pad3(a["stride"], 1),
-                "dilation": pad3(a["dilation"], 1), "flip": bool(a["flip"])}
-        return KernelPlan(name, self.name, source, (node.id,), (node.inputs[0],),
-                          (ValueRef(node.id, 0),), meta=meta)
+                "dilation": pad3(a["dilation"], 1), "flip": bool(a["flip"]),
+                **epilogue_meta(ep), "epilogue_args": tuple(epilogue_signature(ep, "ptr:y"))}
+        return KernelPlan(name, self.name, source, (node.id,), (node.inputs[0], *ep.residuals),
+                          (ValueRef(node.id, 0), *ep.kept_refs), meta=meta)
 
     @staticmethod
     def arguments(meta) -> Arguments:
@@ -73,6 +92,8 @@ class Separable(Family):
                          + tuple((f, "ptr:fp32") for f in FACTORS[meta["rank"]])
                          + ((("rows_ptr", "ptr:i32"), ("cols_ptr", "ptr:i32")) if table else ())
                          + bias_args(bias) + (("y_ptr", "ptr:y"),)
+                         # the epilogue's residual and kept pointers, typed like y
+                         + tuple((n, "ptr:y") for n in meta.get("epilogue_args", ()))
                          + ints("C_OUT", "D", "H", "W", "OD", "OH", "OW")
                          + (ints("n_positions") if bias == "location" else ())
                          + (() if table else ints("CPG", "OPG")) + ints("CW")
@@ -112,20 +133,23 @@ class Separable(Family):
         # check inputs
         meta = plan.meta
         rank = meta["rank"]
-        (x,) = inputs
+        x, *residuals = inputs  # then the epilogue's residual operands (if any)
         (node_id,) = plan.nodes
-        a, p = attrs[node_id], params[node_id]
+        a, p = launch_attrs(attrs[node_id]), launch_params(params[node_id])
         assert x.dim() == rank + 2
         factors = [p[f"weight_{d}"].contiguous() for d in range(rank)]
         c_out, cw = factors[0].shape[:2]
         pads = concrete_pads(a, x.shape[2:], a["dilation"])
         out_spatial = window_sizes(x.shape[2:], a["kernel"], a["stride"], a["dilation"], pads)
-        # allocate the output
-        y = torch.empty((x.shape[0], c_out) + out_spatial, device=x.device, dtype=x.dtype)
+        # allocate the output (a residual's layout when there is one) and the kept values
+        y, residuals, kept = epilogue_outputs(residuals, (x.shape[0], c_out) + out_spatial,
+                                              x.dtype, x.device, torch.contiguous_format,
+                                              meta.get("kept", 0))
         (d, h, w), sx = spatial3(x)
         (od, oh, ow), sy = spatial3(y)
         values = {"x_ptr": x, **dict(zip(FACTORS[rank], factors)), **bias_value(p, meta["bias"]),
-                  "y_ptr": y, "C_OUT": c_out, "D": d, "H": h, "W": w,
+                  "y_ptr": y, **dict(zip(meta.get("epilogue_args", ()), [*residuals, *kept])),
+                  "C_OUT": c_out, "D": d, "H": h, "W": w,
                   "OD": od, "OH": oh, "OW": ow, "CW": cw,
                   **dict(zip(("pad_d", "pad_h", "pad_w"), pad3([b for b, _ in pads], 0))),
                   **dict(zip(STRIDES_X, sx)), **dict(zip(STRIDES_Y, sy))}
@@ -142,7 +166,7 @@ class Separable(Family):
                 * triton.cdiv(oh, tiles["STEP_H"]) * triton.cdiv(ow, tiles["BLOCK_W"]),)
         kernel[grid](*self.arguments(meta).values(values),
                      **self.constexprs(meta, tiles, needs_int64(x, y)))
-        return [y]
+        return [y, *kept]
 
     def aot(self, plan, graph):
         dtype = graph.type_of(plan.inputs[0]).dtype
@@ -154,8 +178,11 @@ class Separable(Family):
 
     def cost(self, plan, graph, env):
         """FLOPs of the 1-D passes: 2·Σ_d k_d multiply-adds per output and input
-        channel read (the intermediate rows a tile recomputes are not counted)."""
-        node = the_node(graph, plan)
+        channel read (the intermediate rows a tile recomputes are not counted),
+        the bias, one per output for each epilogue step. Bytes: x, the
+        factors, bias, y, and the epilogue's residuals and kept intermediates."""
+        node = anchor_step(the_node(graph, plan))
+        ep = epilogue_of(graph, the_node(graph, plan))
         x, y = graph.type_of(plan.inputs[0]), graph.type_of(plan.outputs[0])
         a = node.attrs
         outputs = numel(y, env)
@@ -165,7 +192,9 @@ class Separable(Family):
             reads = x.channels // a["groups"]
         flops = int(2 * outputs * reads * sum(a["kernel"]))
         flops += outputs if a["bias"] != "none" else 0
+        flops += outputs * epilogue_flops(ep)
         weights = sum(param_numel(graph, node, f"weight_{d}") for d in range(len(a["kernel"])))
         nbytes = ((numel(x, env) + outputs) * ITEMSIZE[x.dtype]
-                  + 4 * (weights + param_numel(graph, node, "bias")))
+                  + 4 * (weights + param_numel(graph, node, "bias"))
+                  + epilogue_bytes(ep, outputs, ITEMSIZE[x.dtype]))
         return flops, nbytes
