@@ -74,32 +74,74 @@ def compile_kernel(source: str, name: str, signature: dict, constexprs: dict, ca
                           target=GPUTarget("cuda", capability, 32), options=options or None)
 
 
-def compile_many(jobs: list[dict], capability: int) -> list[dict]:
+def compile_many(jobs: list[dict], capability: int, progress: bool | None = None,
+                 desc: str = "") -> list[dict]:
     """Compile kernels: {"source", "name", "signature", "constexprs"} → {"ptx", "cubin",
-    "shared"}. In a worker process when this one interprets Triton's library."""
+    "shared"}. In a worker process when this one interprets Triton's library. A progress
+    bar counts the kernels (convdsl.progress: on a terminal with tqdm, unless `progress`
+    says otherwise)."""
+    from ..progress import bar
     from .loader import library_interpreted
 
-    if not library_interpreted():
-        results = []
-        for job in jobs:
-            compiled = compile_kernel(job["source"], job["name"], job["signature"],
-                                      job["constexprs"], capability, job.get("options"))
-            results.append({"ptx": compiled.asm["ptx"], "cubin": compiled.asm["cubin"],
-                            "shared": int(compiled.metadata.shared)})
-        return results
-    request = json.dumps({"capability": capability, "jobs": jobs})
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-m", "convdsl.triton.aot_worker"], input=request,
-                          capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"ahead-of-time compilation failed:\n{done.stderr[-4000:]}")
-    results = json.loads(done.stdout)
+    with bar(len(jobs), desc or f"compiling for sm_{capability}", progress) as shown:
+        if not library_interpreted():
+            results = []
+            for job in jobs:
+                compiled = compile_kernel(job["source"], job["name"], job["signature"],
+                                          job["constexprs"], capability, job.get("options"))
+                results.append({"ptx": compiled.asm["ptx"], "cubin": compiled.asm["cubin"],
+                                "shared": int(compiled.metadata.shared)})
+                shown.update(1)
+            return results
+        request = json.dumps({"capability": capability, "jobs": jobs})
+        returncode, stdout, stderr = _run_worker(request, shown.update)
+    if returncode != 0:
+        raise RuntimeError(f"ahead-of-time compilation failed:\n{stderr[-4000:]}")
+    results = json.loads(stdout)
     for r in results:
         r["cubin"] = base64.b64decode(r["cubin"])
     return results
 
 
-def compile_program(program, target: str, outdir: Path | None, env: dict) -> list[KernelReport]:
+def _run_worker(request: str, advance) -> tuple[int, str, str]:
+    """Run aot_worker on `request`: (exit status, stdout, stderr without its progress lines).
+    The request goes in and stdout (megabytes of PTX) comes out on threads while stderr is
+    read line by line, so no pipe can fill up and stall both sides; each line the worker
+    prints per compiled kernel calls advance(1)."""
+    import threading
+
+    from .aot_worker import PROGRESS
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    worker = subprocess.Popen([sys.executable, "-m", "convdsl.triton.aot_worker"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+
+    def feed():
+        try:
+            worker.stdin.write(request)
+            worker.stdin.close()
+        except BrokenPipeError:  # it died at start-up: its stderr says why
+            pass
+
+    chunks: list[str] = []
+    threads = [threading.Thread(target=feed, daemon=True),
+               threading.Thread(target=lambda: chunks.append(worker.stdout.read()), daemon=True)]
+    for thread in threads:
+        thread.start()
+    errors = []
+    for line in worker.stderr:
+        if line.startswith(PROGRESS):
+            advance(1)
+        else:
+            errors.append(line)
+    for thread in threads:
+        thread.join()
+    return worker.wait(), "".join(chunks), "".join(errors)
+
+
+def compile_program(program, target: str, outdir: Path | None, env: dict,
+                    progress: bool | None = None) -> list[KernelReport]:
     """Compile every kernel of a TritonProgram (or of a TritonNet's forward and
     backward programs); write PTX and cubin to `outdir`."""
     if hasattr(program, "inference"):  # a TritonNet: its programs, each kernel once
@@ -108,7 +150,7 @@ def compile_program(program, target: str, outdir: Path | None, env: dict) -> lis
             *program._backward.values()]
         reports, seen = [], set()
         for p in programs:
-            for report in compile_program(p, target, outdir, env):
+            for report in compile_program(p, target, outdir, env, progress):
                 if report.name not in seen:
                     seen.add(report.name)
                     reports.append(report)
@@ -124,7 +166,8 @@ def compile_program(program, target: str, outdir: Path | None, env: dict) -> lis
         for job in plan_jobs(plan, program.graph):
             jobs.append(job)
             owners.append(plan)
-    results = compile_many(jobs, capability)
+    results = compile_many(jobs, capability, progress,
+                           f"{program.graph.name}: compiling for {target}")
     workdir = outdir if outdir is not None else Path(_tmpdir())
     reports = []
     for plan, job, result in zip(owners, jobs, results):

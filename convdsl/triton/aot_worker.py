@@ -5,6 +5,8 @@ import base64
 import json
 import sys
 
+PROGRESS = "convdsl-aot-done"  # a stderr line per compiled kernel
+
 
 def main() -> None:
     request = json.load(sys.stdin)
@@ -17,6 +19,7 @@ def main() -> None:
         results.append({"ptx": compiled.asm["ptx"],
                         "cubin": base64.b64encode(compiled.asm["cubin"]).decode(),
                         "shared": int(compiled.metadata.shared)})
+        print(PROGRESS, job["name"], file=sys.stderr, flush=True)  # the parent's progress bar
     json.dump(results, sys.stdout)
 
 
