@@ -4,15 +4,19 @@ are contiguous in both the operand and the output slice, so a contiguous
 channel concat is a copy of [N, C_i * H * W] rows."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
 from ...ir import ValueRef
+from .. import autotune
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
-from .pool import numel, pick_config
+from .pool import numel
 
-# Block configs, best first (the GPU takes the first; autotuning comes later).
+# Block configs, best first (the GPU tunes among its list on first use,
+# autotune.py; the first is the default and what aot compiles).
 CONFIGS = {
     "gpu": [{"BLOCK": 1024, "num_warps": 4}, {"BLOCK": 2048, "num_warps": 8}],
     "cpu": [{"BLOCK": 16384, "num_warps": 4}],
@@ -48,7 +52,7 @@ class Concat(Family):
                           meta={"rank": rank, "axis": int(node.attrs["axis"]),
                                 "operands": len(node.inputs)})
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # check inputs
         (a,) = attrs.values()
         axis, rank = int(a["axis"]), plan.meta["rank"]
@@ -58,7 +62,10 @@ class Concat(Family):
         shape = list(first.shape)
         shape[axis] = sum(x.shape[axis] for x in inputs)
         out = torch.empty(shape, dtype=first.dtype, device=first.device)
-        config = pick_config(CONFIGS, first)
+        # the config is tuned on first use on a GPU, for all operands at once
+        if config is None:  # timing relaunches this with each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            config = autotune.choose(plan, CONFIGS, inputs, relaunch, extra=axis)
         index_64 = needs_int64(out, *inputs)
         # one launch per operand, into its slice of the output
         offset = 0

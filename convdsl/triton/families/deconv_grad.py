@@ -10,12 +10,14 @@ full transposed convolution (ops.conv.deconv_crops); dy is zero outside it.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 
 from ...ir import ValueRef
+from .. import autotune
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, Family, KernelPlan, needs_int64
 from .conv import TORCH_DTYPE, Tile, input_precision
@@ -46,7 +48,8 @@ class DeconvDx(Family):
     # Tiles as data: GPU the first entry (what aot compiles; BLOCK_K 16 keeps the
     # gathered tiles' addresses in registers: 222/254 registers on sm_80/sm_90, no
     # spills), the interpreter's clamped to the problem.
-    CONFIGS = {"gpu": [Tile(64, 64, 16, num_warps=4, num_stages=3)],
+    CONFIGS = {"gpu": [Tile(64, 64, 16, num_warps=4, num_stages=3),
+                       Tile(128, 64, 16, num_warps=8, num_stages=3)],
                "cpu": [Tile(128, 64, 64, num_warps=1, num_stages=1)]}
 
     def plan(self, graph, nodes) -> KernelPlan:
@@ -98,7 +101,7 @@ class DeconvDx(Family):
         return dict(zip(("start_d", "start_h", "start_w"), pad3(starts, 0)))
 
     # -- running ---------------------------------------------------------------------------
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # Check inputs.
         meta = plan.meta
         dy = inputs[0].detach()
@@ -114,7 +117,10 @@ class DeconvDx(Family):
         (d, h, w), sdx = spatial3(dx)
         (od, oh, ow), sdy = spatial3(dy)
         n, c_in, c_out = x_shape[0], x_shape[1], dy.shape[1]
-        tile = self.CONFIGS[device][0]
+        tile = config
+        if tile is None:  # tuned on first use on a GPU: timing relaunches each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            tile = autotune.choose(plan, self.CONFIGS[device], (dy, weight), relaunch, extra=meta)
         block = gemm_blocks(tile, device, n * d * h * w, c_in, c_out * math.prod(meta["kernel"]))
         values = {"dy_ptr": dy, "w_ptr": weight, "dx_ptr": dx, "N": n, "C_IN": c_in,
                   "D": d, "H": h, "W": w, "C_OUT": c_out, "OD": od, "OH": oh, "OW": ow,
@@ -161,7 +167,8 @@ class DeconvDw(DeconvDx):
 
     name = "deconv_dw"
     kind = "dw"
-    CONFIGS = {"gpu": [Tile(64, 64, 16, num_warps=4, num_stages=3)],  # BLOCK_K 32 spills
+    CONFIGS = {"gpu": [Tile(64, 64, 16, num_warps=4, num_stages=3),
+                       Tile(128, 64, 16, num_warps=8, num_stages=3)],  # BLOCK_K 32 spills
                "cpu": [Tile(64, 64, 128, num_warps=1, num_stages=1)]}
     split_k = SPLIT_K
 
@@ -172,7 +179,7 @@ class DeconvDw(DeconvDx):
                                 "start_d", "start_h", "start_w", "k_per_split")
                          + ints(*STRIDES_X) + ints(*STRIDES_DY))
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # Check inputs.
         meta = plan.meta
         dy, x = (t.detach() for t in inputs)
@@ -186,7 +193,10 @@ class DeconvDw(DeconvDx):
         (d, h, w), sx = spatial3(x)
         (od, oh, ow), sdy = spatial3(dy)
         rows = x.shape[0] * d * h * w
-        tile = self.CONFIGS[device][0]
+        tile = config
+        if tile is None:  # tuned on first use on a GPU: timing relaunches each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            tile = autotune.choose(plan, self.CONFIGS[device], (dy, x), relaunch, extra=meta)
         block = gemm_blocks(tile, device, c_in, c_out * taps, rows)
         tiles = triton.cdiv(c_in, block[0]) * triton.cdiv(c_out * taps, block[1])
         splits, per = self.split_k[device].slices(rows, tiles, block[2])

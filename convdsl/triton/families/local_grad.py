@@ -17,12 +17,14 @@ position its own class (T = the output size), `tiled` puts p in class p mod T.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 
 from ...ir import ValueRef
+from .. import autotune
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, Family, KernelPlan, needs_int64
 from .conv import TORCH_DTYPE, Tile, input_precision
@@ -60,7 +62,8 @@ class LocalDx(Family):
     # Tiles as data: GPU the first entry (what aot compiles; ~150 registers, no
     # spills — 64 rows with BLOCK_K 32 spill), the interpreter's clamped to the
     # problem (tl.dot needs every dim >= 16). A phase of `local` has N rows.
-    CONFIGS = {"gpu": [Tile(32, 64, 16, num_warps=4, num_stages=3)],
+    CONFIGS = {"gpu": [Tile(32, 64, 16, num_warps=4, num_stages=3),
+                       Tile(128, 64, 16, num_warps=8, num_stages=3)],
                "cpu": [Tile(128, 64, 64, num_warps=1, num_stages=1)]}
 
     def plan(self, graph, nodes) -> KernelPlan:
@@ -119,7 +122,7 @@ class LocalDx(Family):
         return values, tiles
 
     # -- running ---------------------------------------------------------------------------
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # Check inputs.
         meta = plan.meta
         dy = inputs[0].detach()
@@ -143,7 +146,10 @@ class LocalDx(Family):
         phases = [min(u, size) for u, size in zip(periods, (d, h, w))]
         sub = [triton.cdiv(size, u) for u, size in zip(periods, (d, h, w))]
         rows = n * math.prod(sub)
-        tile = self.CONFIGS[device][0]
+        tile = config
+        if tile is None:  # tuned on first use on a GPU: timing relaunches each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            tile = autotune.choose(plan, self.CONFIGS[device], (dy, weight), relaunch, extra=meta)
         block = gemm_blocks(tile, device, rows, c, c_out)
         values.update({"dy_ptr": dy, "w_ptr": weight, "dx_ptr": dx, "N": n, "C": c,
                        "D": d, "H": h, "W": w, "C_OUT": c_out, "OD": od, "OH": oh, "OW": ow,
@@ -195,7 +201,8 @@ class LocalDw(LocalDx):
 
     name = "local_dw"
     kind = "dw"
-    CONFIGS = {"gpu": [Tile(64, 64, 16, num_warps=4, num_stages=3)],  # BLOCK_K 32 spills
+    CONFIGS = {"gpu": [Tile(64, 64, 16, num_warps=4, num_stages=3),
+                       Tile(128, 64, 16, num_warps=8, num_stages=3)],  # BLOCK_K 32 spills
                "cpu": [Tile(64, 64, 64, num_warps=1, num_stages=1)]}
     split_k = SPLIT_K
 
@@ -207,7 +214,7 @@ class LocalDw(LocalDx):
                                 "k_per_split", "split_stride", "stride_wclass", "stride_wo")
                          + ints(*STRIDES_DY) + ints(*STRIDES_X))
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # Check inputs.
         meta = plan.meta
         dy, x = (t.detach() for t in inputs)
@@ -224,7 +231,10 @@ class LocalDw(LocalDx):
         (od, oh, ow), sdy = spatial3(dy)
         sub = [triton.cdiv(o, t) for o, t in zip((od, oh, ow), tiles)]
         rows = n * math.prod(sub)  # the reduction of one class
-        tile = self.CONFIGS[device][0]
+        tile = config
+        if tile is None:  # tuned on first use on a GPU: timing relaunches each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            tile = autotune.choose(plan, self.CONFIGS[device], (dy, x), relaunch, extra=meta)
         block = gemm_blocks(tile, device, c_out, reduction, rows)
         tiles_out = (math.prod(tiles) * triton.cdiv(c_out, block[0])
                      * triton.cdiv(reduction, block[1]))

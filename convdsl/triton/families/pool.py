@@ -9,6 +9,7 @@ arguments. Inputs keep their strides (a channels-last input is read in place
 and gives a channels-last output, like torch's pooling)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -17,14 +18,16 @@ import triton
 from ...ir import ValueRef
 from ...ir.types import evaluate, static_value
 from ...ops.spatial import resolve_pads
+from .. import autotune
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, POINTER, Family, KernelPlan, float_literal, needs_int64
 
 DIMS = ("d", "h", "w")  # spatial dim letters, outermost first
 
-# Block configs, best first. The GPU takes the first (autotuning comes later):
-# 4 elements a thread keeps a 27-tap unrolled window's loads in flight without
-# spilling, and num_warps=4 is what aot.compile_kernel builds. The interpreter
+# Block configs, best first. The GPU tunes among its list on first use
+# (autotune.py); the first is the default: 4 elements a thread keeps a 27-tap
+# unrolled window's loads in flight without spilling, and num_warps=4 is what
+# aot.compile_kernel builds. The interpreter
 # runs faster with fewer, bigger programs.
 CONFIGS = {
     "gpu": [{"BLOCK": 512, "num_warps": 4}, {"BLOCK": 1024, "num_warps": 4},
@@ -136,7 +139,7 @@ class Pool(Family):
         return KernelPlan(name, self.name, source, (node.id,), tuple(node.inputs),
                           (ValueRef(node.id, 0),), meta=meta)
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # check inputs
         (x,) = inputs
         (a,) = attrs.values()
@@ -161,8 +164,10 @@ class Pool(Family):
         out = empty_output(x, (n, c) + out_sizes, c_inner)
         if out.numel() == 0:
             return [out]
-        # grid and launch
-        config = pick_config(CONFIGS, x)
+        # grid and launch; the config is tuned on first use on a GPU
+        if config is None:  # timing relaunches this with each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            config = autotune.choose(plan, CONFIGS, (x,), relaunch, extra=taps)
         grid = (triton.cdiv(out.numel(), config["BLOCK"]),)
         windows = {f"K_{d.upper()}": k for d, k in zip(_dims(len(sizes)), taps)}
         kernel[grid](x, out, out.numel(), c, *sizes, *out_sizes, *geometry, *x.stride(),
@@ -222,7 +227,7 @@ class Maxout(Family):
                           (ValueRef(node.id, 0),),
                           meta={"rank": len(dims), "pieces": node.attrs["pieces"]})
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # check inputs
         (x,) = inputs
         (a,) = attrs.values()
@@ -234,8 +239,10 @@ class Maxout(Family):
         out = empty_output(x, (n, c // pieces) + sizes, c_inner)
         if out.numel() == 0:
             return [out]
-        # grid and launch
-        config = pick_config(MAXOUT_CONFIGS, x)
+        # grid and launch; the config is tuned on first use on a GPU
+        if config is None:  # timing relaunches this with each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            config = autotune.choose(plan, MAXOUT_CONFIGS, (x,), relaunch, extra=pieces)
         grid = (triton.cdiv(out.numel(), config["BLOCK"]),)
         kernel[grid](x, out, out.numel(), c // pieces, *sizes, *x.stride(), *out.stride(),
                      PIECES=pieces, C_INNER=c_inner, INDEX_64=needs_int64(x, out), **config)

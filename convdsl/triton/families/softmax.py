@@ -4,16 +4,20 @@ once and kept in registers; a longer one takes two passes (an online max and
 sum, then the normalised values)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
 from ...ir import ValueRef
 from ...ir.types import evaluate, static_value
+from .. import autotune
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
-from .pool import numel, pick_config
+from .pool import numel
 
-# Block configs, best first (the GPU takes the first; autotuning comes later).
+# Block configs, best first (the GPU tunes among its list on first use,
+# autotune.py; the first is the default and what aot compiles).
 # TILE: elements per program; MAX_BLOCK_L: the longest axis done in one pass;
 # CHUNK: the block along a longer axis.
 CONFIGS = {
@@ -55,7 +59,7 @@ class Softmax(Family):
         return KernelPlan(name, self.name, source, (node.id,), tuple(node.inputs),
                           (ValueRef(node.id, 0),), meta={"rank": rank, "axis": axis, "log": log})
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # check inputs
         (x,) = inputs
         (a,) = attrs.values()
@@ -65,8 +69,10 @@ class Softmax(Family):
         out = torch.empty_like(x)
         if x.numel() == 0:
             return [out]
-        # grid and launch
-        config = pick_config(CONFIGS, x)
+        # grid and launch; the config is tuned on first use on a GPU
+        if config is None:  # timing relaunches this with each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            config = autotune.choose(plan, CONFIGS, (x,), relaunch, extra=axis)
         n_rows = x.numel() // x.shape[axis]
         meta = blocks(config, x.shape[axis], n_rows)
         inner = axis_inner(x, axis)

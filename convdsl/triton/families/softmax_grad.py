@@ -9,17 +9,21 @@ one program per block of rows, in fp32, laid out as the forward kernel
 longer one takes two passes (the row sums, then dx chunk by chunk)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
 from ...ir import ValueRef
 from ...ir.types import evaluate, static_value
+from .. import autotune
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
-from .pool import numel, pick_config
+from .pool import numel
 from .softmax import axis_inner, blocks
 
-# Block configs, best first (the GPU takes the first; autotuning comes later).
+# Block configs, best first (the GPU tunes among its list on first use,
+# autotune.py; the first is the default and what aot compiles).
 # TILE: elements per program; MAX_BLOCK_L: the longest axis done in one pass;
 # CHUNK: the block along a longer axis. Two operands are live per element, so
 # the GPU tiles are half the forward's.
@@ -47,7 +51,7 @@ class SoftmaxDx(Family):
                           (ValueRef(node.id, 0),), meta={"rank": rank, "axis": axis, "log": log},
                           direction="backward")
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # check inputs
         dy, y = inputs
         axis = plan.meta["axis"]
@@ -56,8 +60,10 @@ class SoftmaxDx(Family):
         dx = torch.empty_like(dy)
         if dx.numel() == 0:
             return [dx]
-        # grid and launch
-        config = pick_config(CONFIGS, dy)
+        # grid and launch; the config is tuned on first use on a GPU
+        if config is None:  # timing relaunches this with each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            config = autotune.choose(plan, CONFIGS, (dy, y), relaunch, extra=axis)
         n_rows = dx.numel() // dx.shape[axis]
         meta = blocks(config, dx.shape[axis], n_rows)
         inner = axis_inner(dx, axis)
