@@ -265,9 +265,10 @@ def test_training_variant_stores_what_backward_reads(case):
 def test_kernel_names_and_sources():
     net, _ = compile_pair(CASES["conv+add+relu"][0])
     (plan,) = fused_plans(net._program.inference)
-    assert plan.name.startswith("k_conv_2d_u_add_relu")
+    # the later conv (W) absorbs the add: its residual (U's output) comes first
+    assert plan.name.startswith("k_conv_2d_w_add_relu")
     assert "res0_ptr" in plan.source and "# relu" in plan.source
-    assert len(plan.inputs) == 2  # image, then the residual (conv W's output)
+    assert len(plan.inputs) == 2  # labels, then the residual (conv U's output)
     again = convdsl.compile(CASES["conv+add+relu"][0], backend="triton")
     assert again.kernels == net.kernels  # deterministic
 
