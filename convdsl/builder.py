@@ -10,16 +10,24 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from . import ast
 from .errors import ConvDSLError, ConvDSLWarning, Span
 from .ir import Graph, ParamDecl, TensorType, ValueRef
 from .ir.types import DTYPES, dim, symbol
+from .limits import (
+    INT_MAX,
+    MAX_BLOCK_DEPTH,
+    MAX_EXTENT,
+    MAX_GABOR_BANK,
+    max_param_elements,
+    stack_room,
+)
 from .ops import OPS, OpDef, ShapeContext
 from .ops.base import REQUIRED
 from .ops.inits import INITS, KERNEL_INITS, default_init
@@ -57,7 +65,7 @@ class Deferred:
     """A non-tensor block argument, evaluated where it is used, in the caller's scope."""
 
     expr: ast.Expr
-    scope: "Scope"
+    scope: Scope
 
 
 @dataclass
@@ -122,6 +130,8 @@ class NetBuilder:
         self.layers: dict[str, LayerRecord] = {}
         self.warnings: list[ConvDSLWarning] = []
         self._block_has_layers: dict[str, bool] = {}
+        self._param_elements = 0  # elements of every parameter tensor declared so far
+        self._max_param_elements = max_param_elements()
 
     # == entry point ========================================================================
     def build(self) -> Graph:
@@ -249,9 +259,9 @@ class NetBuilder:
         if isinstance(expr, ast.Call):
             op = OPS.get(expr.func)
             block = self.program.blocks.get(expr.func)
-            if op is not None and op.parametric:
-                items.append(expr)
-            elif block is not None and not block.shared and self._has_layers(block, scope.stack):
+            is_layer = op is not None and op.parametric
+            if is_layer or (block is not None and not block.shared
+                            and self._has_layers(block, scope.stack)):
                 items.append(expr)
             for arg in expr.args:
                 self._collect_layers(arg, scope, items)
@@ -269,8 +279,8 @@ class NetBuilder:
     def _has_layers(self, block: ast.BlockDef, stack: tuple[str, ...]) -> bool:
         if block.name in self._block_has_layers:
             return self._block_has_layers[block.name]
-        if block.name in stack:
-            return False  # recursion is reported when the call is evaluated
+        if block.name in stack or len(stack) >= MAX_BLOCK_DEPTH:
+            return False  # recursion and depth are reported when the call is evaluated
         found: list = []
         inner = Scope(prefix="", stack=stack + (block.name,))
         for stmt in block.body:
@@ -306,7 +316,7 @@ class NetBuilder:
             operand = self._eval(expr.operand, scope, naming)
             if isinstance(operand, Tensor):
                 return self._scalar_op(operand, -1.0, "*", False, expr.span)
-            return -self._number(operand, expr.operand)
+            return _in_range(-self._number(operand, expr.operand), expr.span)
         return self._const(expr, scope)
 
     def _suggest(self, name: str) -> str:
@@ -342,7 +352,7 @@ class NetBuilder:
             return self._scalar_op(tensor, number, expr.op, not lt, expr.span)
         a = self._number(left, expr.left)
         b = self._number(right, expr.right)
-        return {"+": a + b, "-": a - b, "*": a * b}[expr.op]
+        return _in_range({"+": a + b, "-": a - b, "*": a * b}[expr.op], expr.span)
 
     def _number(self, value, expr: ast.Expr):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -375,8 +385,8 @@ class NetBuilder:
         if isinstance(value, bool):
             return "true" if value else "false"
         if isinstance(value, str):
-            return f"the string {json.dumps(value)}"
-        return repr(value)
+            return f"the string {_shorten(json.dumps(value))}"
+        return _shorten(repr(value))
 
     # -- constants ---------------------------------------------------------------------------
     def _const(self, expr: ast.Expr, scope: Scope):
@@ -388,11 +398,12 @@ class NetBuilder:
         if isinstance(expr, ast.ListLit):
             return [self._const(i, scope) for i in expr.items]
         if isinstance(expr, ast.Negate):
-            return -self._number(self._const(expr.operand, scope), expr.operand)
+            return _in_range(-self._number(self._const(expr.operand, scope), expr.operand),
+                             expr.span)
         if isinstance(expr, ast.Binary):
             a = self._number(self._const(expr.left, scope), expr.left)
             b = self._number(self._const(expr.right, scope), expr.right)
-            return {"+": a + b, "-": a - b, "*": a * b}[expr.op]
+            return _in_range({"+": a + b, "-": a - b, "*": a * b}[expr.op], expr.span)
         if isinstance(expr, ast.Name):
             binding = scope.lookup(expr.parts[0]) if len(expr.parts) == 1 else None
             if binding is None:
@@ -498,7 +509,7 @@ class NetBuilder:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConvDSLError(f"{what} must be an integer, got {self._describe(value)}",
                                    expr.span)
-            return value
+            return _extent(value, expr, what)
         if kind == "float":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConvDSLError(f"{what} must be a number, got {self._describe(value)}",
@@ -515,8 +526,7 @@ class NetBuilder:
             if isinstance(value, Word):
                 return value.text
             if isinstance(value, (list, tuple)):
-                return tuple(self._int_tuple(v, expr, what) if isinstance(v, (list, tuple))
-                             else self._int_tuple(v, expr, what) for v in value)
+                return tuple(self._int_tuple(v, expr, what) for v in value)
             return self._int_tuple(value, expr, what)
         if kind == "enum":
             text = value.text if isinstance(value, Word) else value
@@ -553,7 +563,7 @@ class NetBuilder:
                 if isinstance(v, Word) and v.text in self.graph.symbols:
                     sizes.append(symbol(v.text))
                 elif isinstance(v, int) and not isinstance(v, bool) and v >= 1:
-                    sizes.append(v)
+                    sizes.append(_extent(v, expr, what))
                 else:
                     raise ConvDSLError(f"{what} takes sizes >= 1 or size symbols of the net's "
                                        f"inputs, got {self._describe(v)}", expr.span)
@@ -562,10 +572,10 @@ class NetBuilder:
 
     def _int_tuple(self, value, expr, what, allow_list=False):
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return _extent(value, expr, what)
         if isinstance(value, (tuple, list)) and value and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return tuple(value)
+            return tuple(_extent(v, expr, what) for v in value)
         raise ConvDSLError(f"{what} must be an integer or a tuple of integers, got "
                            f"{self._describe(value)}", expr.span)
 
@@ -622,10 +632,7 @@ class NetBuilder:
             if not ok:
                 raise ConvDSLError(f"init={name}: {pname} must be a number or a list of numbers",
                                    expr.span)
-        if name in ("normal",) and out["std"] < 0:
-            raise ConvDSLError("init=normal: std must be >= 0", expr.span)
-        if name == "gaussian" and not out["sigma"] > 0:
-            raise ConvDSLError("init=gaussian: sigma must be > 0", expr.span)
+        _check_init_values(name, out, expr.span)
         return (name, out, expr.span)
 
     # == layers and parameters ==============================================================
@@ -675,6 +682,7 @@ class NetBuilder:
                 fan_in=shape.fan_in, fan_out=shape.fan_out, mask=shape.mask,
                 count=shape.count if shape.count is not None else _prod(shape.shape),
             )
+            self._count_elements(decl)
             if role.startswith("weight_"):
                 decl.separable_rank = len(node.attrs["kernel"])
                 decl.separable_sizes = tuple(node.attrs["kernel"])
@@ -682,6 +690,17 @@ class NetBuilder:
             params[role] = decl.name
         node.params = params
         self.layers[layer] = LayerRecord(op.name, params, call.span, shared_key, dict(node.attrs))
+
+    def _count_elements(self, decl: ParamDecl) -> None:
+        size = _prod(decl.shape)
+        self._param_elements += size
+        if self._param_elements > self._max_param_elements:
+            shape = "[" + ", ".join(map(str, decl.shape)) + "]"
+            raise ConvDSLError(
+                f"parameter {decl.name} of shape {shape} has {size:,} elements, which brings the "
+                f"net to {self._param_elements:,}: more than the {self._max_param_elements:,} "
+                f"allowed ({self._max_param_elements * 4 / 2**30:.0f} GiB as f32); shrink the "
+                f"layer, or raise the bound with CONVDSL_MAX_PARAMS", decl.span)
 
     def _check_init(self, op: OpDef, node, init, spans) -> None:
         name = init[0]
@@ -693,6 +712,10 @@ class NetBuilder:
         if separable and name in ("edges", "gabor", "kmeans"):
             raise ConvDSLError(f"init={name} makes kernels that are not outer products; it cannot "
                                f"initialize a separable=true conv", span)
+        sigma = init[1].get("sigma") if name == "gaussian" else None
+        if isinstance(sigma, list) and len(sigma) != len(node.attrs["kernel"]):
+            raise ConvDSLError(f"init=gaussian: give one sigma, or one per spatial dim "
+                               f"({len(node.attrs['kernel'])}), not {len(sigma)}", span)
         if name == "gabor" and len(node.attrs["kernel"]) == 3:
             raise ConvDSLError("init=gabor needs a 1-D or 2-D kernel (Gabor functions are defined "
                                "on lines and planes)", span)
@@ -763,6 +786,10 @@ class NetBuilder:
             chain = " -> ".join(scope.stack[scope.stack.index(block.name):] + (block.name,))
             raise ConvDSLError(f"block '{block.name}' calls itself ({chain}); recursion is not "
                                f"allowed", call.func_span)
+        if len(scope.stack) >= MAX_BLOCK_DEPTH:
+            raise ConvDSLError(f"block calls nest more than {MAX_BLOCK_DEPTH} deep here "
+                               f"({scope.stack[0]} -> ... -> {scope.stack[-1]} -> {block.name}); "
+                               f"flatten some blocks into their callers", call.func_span)
         signature = [_BlockArg(p.name, p.default) for p in block.params]
         bound = self._bind_args(call, signature, f"block {block.name}")
         if block.shared:
@@ -787,10 +814,7 @@ class NetBuilder:
             else:
                 value = Deferred(expr, scope)
             inner.bind(param.name, value, param.span, kind="parameter")
-        try:
-            results = self._run_body(block.body, block.body_span, inner, f"block '{block.name}'")
-        except RecursionError:
-            raise ConvDSLError(f"blocks nest too deeply at '{block.name}'", call.span) from None
+        results = self._run_body(block.body, block.body_span, inner, f"block '{block.name}'")
         return results if len(results) > 1 else results[0]
 
     def _is_tensor_expr(self, expr, scope: Scope) -> bool:
@@ -817,6 +841,71 @@ class _BlockArg:
     kind: str = "any"
 
 
+def _check_init_values(name: str, args: dict, span: Span) -> None:
+    """Refuse, with a span, what the initializers would refuse when the net is made."""
+    def one(key):
+        if isinstance(args[key], list):
+            raise ConvDSLError(f"init={name}: {key} must be one number, not a list", span)
+        return args[key]
+
+    if name == "normal":
+        one("mean")
+        if one("std") < 0:
+            raise ConvDSLError("init=normal: std must be >= 0", span)
+    elif name == "uniform":
+        if one("a") > one("b"):
+            raise ConvDSLError(f"init=uniform(a, b) needs a <= b, got a={args['a']}, "
+                               f"b={args['b']}", span)
+    elif name == "gaussian":
+        sigmas = args["sigma"] if isinstance(args["sigma"], list) else [args["sigma"]]
+        if not sigmas or not all(s > 0 for s in sigmas):
+            raise ConvDSLError("init=gaussian: sigma must be > 0", span)
+    elif name == "gabor":
+        bank = 1
+        for key, default in (("orientations", 4), ("frequencies", 2), ("phases", 2)):
+            value = args[key]
+            if value is None:
+                bank *= default
+            elif isinstance(value, list):
+                if not value:
+                    raise ConvDSLError(f"init=gabor: the {key} list is empty", span)
+                if key == "frequencies" and min(value) < 0:
+                    raise ConvDSLError("init=gabor: frequencies must be >= 0", span)
+                bank *= len(value)
+            elif isinstance(value, float) or value < 1:
+                raise ConvDSLError(f"init=gabor: {key} takes a count >= 1 or a list of "
+                                   f"values, got {value}", span)
+            else:
+                bank *= value
+            if bank > MAX_GABOR_BANK:
+                raise ConvDSLError(f"init=gabor: the bank would hold more than "
+                                   f"{MAX_GABOR_BANK:,} filters; use smaller counts", span)
+
+
+def _extent(value: int, expr: ast.Expr, what: str) -> int:
+    """Sizes, channels and geometry fit the int32 index arithmetic of the kernels."""
+    if value > MAX_EXTENT:
+        raise ConvDSLError(f"{what} {value} is too large: sizes and counts are at most "
+                           f"2^31 - 1 = {MAX_EXTENT:,}", expr.span)
+    return value
+
+
+def _in_range(value, span: Span):
+    """Constant arithmetic stays where literals are: finite floats, int64 ints."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConvDSLError(f"this constant evaluates to {value}, which is not a finite number",
+                           span)
+    if isinstance(value, int) and not -INT_MAX - 1 <= value <= INT_MAX:
+        raise ConvDSLError("this constant is too large: integers must fit in 64 bits "
+                           "(at most 2^63 - 1)", span)
+    return value
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    """Keep messages about huge literals (a 500-deep tuple) readable."""
+    return text if len(text) <= limit else text[:limit - 5] + " ... " + text[-5:]
+
+
 def _prod(shape) -> int:
     n = 1
     for s in shape:
@@ -826,7 +915,8 @@ def _prod(shape) -> int:
 
 def build_graph(program: ast.Program, net: ast.NetDef) -> tuple[Graph, list[ConvDSLWarning]]:
     builder = NetBuilder(program, net)
-    graph = builder.build()
+    with stack_room():  # the evaluator recurses once per nesting level and block call
+        graph = builder.build()
     return graph, builder.warnings
 
 

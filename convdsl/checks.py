@@ -7,7 +7,13 @@ import torch
 from .errors import ConvDSLInputError
 from .ir import Graph, TensorType
 from .ir.types import concretize, evaluate, static_value, symbol
+from .limits import MAX_EXTENT, max_tensor_elements
 from .ops import OPS, ShapeContext
+from .ops.spatial import effective_kernel, resolve_pads
+
+# Ops that pad their input before sliding a window over it.
+WINDOWED_OPS = frozenset({"conv", "depthwise", "local", "tiled", "maxpool", "avgpool", "lppool",
+                          "wavgpool"})
 
 TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -70,11 +76,15 @@ def bind_inputs(graph: Graph, inputs: tuple, device: torch.device | None,
     return env
 
 
-def check_layers(graph: Graph, env: dict[str, int]) -> dict[int, dict]:
+def check_layers(graph: Graph, env: dict[str, int],
+                 max_elements: int | None = None) -> dict[int, dict]:
     """Re-run each op's shape rule on concrete sizes; return its concrete attributes.
 
     A layer that the bound sizes make invalid (an input too small for a kernel,
-    a size= out of range) raises an error at that layer's source line."""
+    a size= out of range) raises an error at that layer's source line, and so
+    does one that would make a tensor of more than `max_elements` elements
+    (default: limits.max_tensor_elements())."""
+    limit = max_tensor_elements() if max_elements is None else max_elements
     sym_env = {symbol(k): v for k, v in env.items()}
     bound = ", ".join(f"{k}={v}" + (f" (input '{graph.symbols[k][0]}' dim {graph.symbols[k][1]})"
                                     if k in graph.symbols else "")
@@ -97,9 +107,62 @@ def check_layers(graph: Graph, env: dict[str, int]) -> dict[int, dict]:
                     raise ConvDSLInputError(
                         f"{what} would give an empty output (size {int(d)} along dim {axis}) for "
                         f"inputs with {bound}: the input is too small for it", node.span)
+        _check_sizes(node, attrs, ins, types, bound, limit)
         concrete_types[node.id] = types
         attrs_by_node[node.id] = attrs
     return attrs_by_node
+
+
+def _check_sizes(node, attrs: dict, ins: list[TensorType], types: list[TensorType], bound: str,
+                 limit: int) -> None:
+    """Refuse, before anything is allocated, a layer whose output or padded
+    input would be absurdly large, or whose windows overflow int32 indexing."""
+    what = f"layer '{node.layer}'" if node.layer else node.op.lstrip("_")
+    sizes = f"for inputs with {bound}" if bound else "for these inputs"
+    tensors = [("output", [int(d) for d in t.shape]) for t in types]
+    for step, source in _windowed(node, attrs, ins, types):
+        window = step.get("kernel") or step.get("window")
+        if window is not None and "pad" in step and source.rank > 2:
+            x = [int(d) for d in source.shape]
+            stride = step.get("stride") or window
+            dilation = step.get("dilation") or (1,) * len(window)
+            pads = resolve_pads(step["pad"], tuple(x[2:]), window, stride, dilation)
+            padded = x[:2] + [m + b + a for m, (b, a) in zip(x[2:], pads)]
+            extents = [effective_kernel(k, r) for k, r in zip(window, dilation)]
+            if max(padded[2:] + extents) > MAX_EXTENT:
+                raise ConvDSLInputError(
+                    f"{what} would pad its input to {_shape_text(padded)} with a window extent of "
+                    f"{_shape_text(extents)} {sizes}: beyond 2^31 - 1 along a dim", node.span)
+            tensors.append(("padded input", padded))
+    for role, shape in tensors:
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel > limit:
+            raise ConvDSLInputError(
+                f"{what} would make a{'n' if role[0] == 'o' else ''} {role} of shape "
+                f"{_shape_text(shape)} ({numel:,} elements) {sizes}: more than the {limit:,} "
+                f"one tensor may hold (CONVDSL_MAX_TENSOR_ELEMENTS)", node.span)
+
+
+def _windowed(node, attrs: dict, ins: list[TensorType], types: list[TensorType]):
+    """(attributes, input type) of each windowed op the node computes: itself,
+    or the steps of a fused node (operands `in<k>`: the node's k-th input;
+    `s<j>`: step j's result, which is result j + 1, or result 0 for the last)."""
+    if node.op != "_fused":
+        if node.op in WINDOWED_OPS and ins:
+            yield attrs, ins[0]
+        return
+    steps = attrs.get("steps") or ()
+    for step in steps:
+        if step.get("op") not in WINDOWED_OPS or not step.get("operands"):
+            continue
+        operand = step["operands"][0]
+        if operand.startswith("in"):
+            yield step["attrs"], ins[int(operand[2:])]
+        else:
+            j = int(operand[1:])
+            yield step["attrs"], types[0 if j == len(steps) - 1 else j + 1]
 
 
 def _concrete_type(t: TensorType, sym_env) -> TensorType:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -35,7 +36,17 @@ def _parser() -> argparse.ArgumentParser:
     ir.add_argument("file")
     ir.add_argument("--net")
     ir.add_argument("--stage", default="optimized", choices=("parsed", "optimized", "backward"))
-    ir.add_argument("--format", default="text", choices=("text", "dot", "json"))
+    ir.add_argument("--format", default="text", choices=("text", "dot", "json", "svg"),
+                    help="svg: the dot output drawn by Graphviz (needs `dot` on PATH)")
+    ir.add_argument("--passes", action="store_true", help="list the optimizer's passes in order")
+    ir.add_argument("--print-after", action="append", default=[], metavar="PASS",
+                    help="print the IR after PASS and what it changed (repeatable)")
+    ir.add_argument("--print-after-all", action="store_true",
+                    help="print the IR after every pass and what it changed")
+    ir.add_argument("--no-opt", action="store_true", help="turn the optimizer off")
+    ir.add_argument("--cost", action="store_true",
+                    help="FLOPs, bytes and kernels per kernel, without and with the optimizer")
+    ir.add_argument("--shape", default="", help="sizes for --cost, e.g. N=8,H=32 (unset: 32)")
 
     comp = sub.add_parser("compile", help="write the generated kernels and IR; with --target, "
                                           "compile them ahead of time and report resources")
@@ -46,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--shape", default="", help="sizes for the cost model, e.g. N=8,H=32,W=32 "
                                                   "(unset symbols: 32)")
 
+    exp = sub.add_parser("explore", help="write one HTML page: source, IR after each pass, "
+                                         "kernels with their cost, all linked")
+    exp.add_argument("file")
+    exp.add_argument("--net")
+    exp.add_argument("-o", "--output", default="explore.html", help="the page to write")
+    exp.add_argument("--shape", default="", help="sizes for the cost model, e.g. N=8,H=32 "
+                                                 "(unset symbols: 32)")
+    exp.add_argument("--target", help="also compile ahead of time for e.g. sm_90 (slow)")
+
     run = sub.add_parser("run", help="run a net on random input")
     run.add_argument("file")
     run.add_argument("--net")
@@ -53,6 +73,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
     run.add_argument("--repeat", type=int, default=3, help="timed runs (default 3)")
     run.add_argument("--seed", type=int, default=0)
+
+    draw = sub.add_parser("draw", help="draw a layer's kernels as a PNG image grid")
+    draw.add_argument("file")
+    draw.add_argument("--net")
+    draw.add_argument("--layer", required=True, help="the layer name, as in the state_dict keys")
+    draw.add_argument("-o", "--output", default="kernels.png", help="the PNG to write")
+    draw.add_argument("--state", help="weights to draw: a state_dict saved with torch.save")
+    draw.add_argument("--fit", help="inputs saved with torch.save: fit init=kmeans layers first")
+    draw.add_argument("--channels", default="auto", choices=("auto", "tiles", "mean"),
+                      help="multi-channel kernels: a tile per channel, or their mean "
+                           "(auto: tiles up to 16)")
+    draw.add_argument("--scale", type=int, help="pixels per kernel value (default: ~32 px tiles)")
+
+    from .bench import add_arguments as bench_arguments  # convdsl bench: see bench.py
+    bench_arguments(sub.add_parser("bench", help="time the generated kernels against PyTorch "
+                                                 "eager and torch.compile"))
     return p
 
 
@@ -106,8 +142,53 @@ def cmd_check(args) -> int:
 
 
 def cmd_ir(args) -> int:
-    net = _compile_quiet(args.file, net=args.net, backend="torch")
+    from .passes import BACKWARD_PIPELINE, PIPELINE
+
+    if args.passes:
+        for label, passes in (("forward", PIPELINE), ("backward", BACKWARD_PIPELINE)):
+            print(f"{label} graph:")
+            for p in passes:
+                print(f"  {p.name:26} {p.doc}")
+        return EXIT_OK
+    if args.cost:
+        from .cost import compare, format_comparison
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvDSLWarning)
+            result = compare(args.file, args.net, _parse_shape(args.shape))
+        sys.stdout.write(format_comparison(result))
+        return EXIT_OK
+    if args.print_after or args.print_after_all:
+        if args.format == "svg":
+            raise UsageError("--print-after prints text, dot or json, not svg")
+        return _print_after(args, [*PIPELINE, *BACKWARD_PIPELINE])
+    net = _compile_quiet(args.file, net=args.net, backend="torch", optimize=not args.no_opt)
+    if args.format == "svg":  # the dot text through Graphviz
+        from .pictures import dot_to_svg
+
+        sys.stdout.write(dot_to_svg(net.ir(args.stage, "dot")))
+        return EXIT_OK
     sys.stdout.write(net.ir(args.stage, args.format))
+    return EXIT_OK
+
+
+def _print_after(args, passes) -> int:
+    """The IR after the chosen passes, each with a diff against the IR before it."""
+    from .passes import trace_passes
+
+    known = [p.name for p in passes]
+    for name in args.print_after:
+        if name not in known:
+            raise UsageError(f"--print-after: unknown pass '{name}'; passes: {', '.join(known)}")
+    net = _compile_quiet(args.file, net=args.net, backend="torch", optimize=False)
+    for step in trace_passes(net, args.format):
+        if args.print_after_all or step.name in args.print_after:
+            state = "changed" if step.changed else "no change"
+            print(f"// ----- IR after {step.name} ({state}) -----")
+            sys.stdout.write(step.text)
+            if step.changed:
+                print(f"// ----- diff {step.name} -----")
+                sys.stdout.write(step.diff)
     return EXIT_OK
 
 
@@ -115,6 +196,7 @@ def cmd_run(args) -> int:
     import torch
 
     from .checks import TORCH_DTYPES
+    from .limits import max_tensor_elements
 
     sizes = _parse_shape(args.shape)
     net = _compile_quiet(args.file, net=args.net, backend=args.backend)
@@ -132,6 +214,9 @@ def cmd_run(args) -> int:
             else:
                 raise UsageError(f"input '{graph.node(node_id).attrs['name']}' needs size {d}: "
                                  f"pass --shape {d}=...")
+        if math.prod(shape) > max_tensor_elements():  # refuse before torch tries to allocate
+            raise UsageError(f"input '{graph.node(node_id).attrs['name']}' of shape {shape} is too "
+                             f"large to make up ({math.prod(shape):,} elements)")
         inputs.append(torch.randn(shape).to(TORCH_DTYPES[declared.dtype]))
     unknown = set(sizes) - set(graph.symbols)
     if unknown:
@@ -180,11 +265,15 @@ def cmd_compile(args) -> int:
     for name, source in net.kernels.items():
         (outdir / f"{name}.py").write_text(source)
     print(f"net {net.name}: {len(net.kernels)} kernels written to {outdir}/")
+    cost = _cost_summary(args.file, args.net, sizes)
+    (outdir / "cost.txt").write_text(cost["text"])
+    sys.stdout.write(cost["text"])
     if args.target is None:
         return EXIT_OK
     env = {s: sizes.get(s, 32) for s in net._graph.symbols}
     reports = compile_program(net._program, args.target, outdir, env)
     doc = report_json(args.target, reports, env)
+    doc["cost_model"] = cost["totals"]
     (outdir / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{'kernel':40} {'dir':8} {'regs':>5} {'spills':>6} {'smem':>7} {'MFLOP':>9} {'MB':>8}")
     for r in reports:
@@ -194,7 +283,55 @@ def cmd_compile(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"check": cmd_check, "ir": cmd_ir, "compile": cmd_compile, "run": cmd_run}
+def _cost_summary(path, net_name, sizes) -> dict:
+    """The cost model's totals without and with the optimizer (text and JSON)."""
+    from dataclasses import asdict
+
+    from .cost import compare, format_comparison
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvDSLWarning)
+        result = compare(path, net_name, sizes)
+    totals = {label: {k: asdict(v) for k, v in result[label]["totals"].items()}
+              for label in ("unoptimized", "optimized")}
+    return {"text": format_comparison(result, verbose=False), "totals": totals}
+
+
+def cmd_explore(args) -> int:
+    from .explore import write_report
+
+    sizes = _parse_shape(args.shape)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvDSLWarning)
+        found = write_report(args.file, args.output, net=args.net, sizes=sizes,
+                             target=args.target)
+    for w in caught:
+        if issubclass(w.category, ConvDSLWarning):
+            print(str(w.message), file=sys.stderr)
+    print(f"net {found.net}: {len(found.stages)} IR stages, {len(found.kernels)} kernel plans "
+          f"written to {args.output}")
+    return EXIT_OK
+
+
+def cmd_draw(args) -> int:
+    from .pictures import draw_command
+
+    if args.scale is not None and args.scale < 1:
+        raise UsageError("--scale must be >= 1")
+    net = _compile_quiet(args.file, net=args.net, backend="torch")
+    print(draw_command(net, args.layer, args.output, state=args.state, fit=args.fit,
+                       channels=args.channels, scale=args.scale))
+    return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+    from .bench import run
+
+    return run(args)
+
+
+COMMANDS = {"check": cmd_check, "ir": cmd_ir, "compile": cmd_compile, "run": cmd_run,
+            "explore": cmd_explore, "bench": cmd_bench, "draw": cmd_draw}
 
 
 def main(argv=None) -> int:

@@ -4,13 +4,16 @@ was expected in words."""
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ast
 from .errors import ConvDSLError, Span
+from .limits import INT_MAX, MAX_NESTING, stack_room
 from .resources import grammar_path
 
 KEYWORDS = frozenset({"net", "block", "shared", "table", "return", "true", "false"})
@@ -100,18 +103,24 @@ class _ToAST(Transformer):
     # -- expressions ----------------------------------------------------------------
     @v_args(meta=True)
     def int_lit(self, meta, children):
-        return ast.IntLit(self._span(meta), int(children[0]))
+        return ast.IntLit(self._span(meta), _int_value(str(children[0]), self._span(meta)))
 
     @v_args(meta=True)
     def float_lit(self, meta, children):
-        return ast.FloatLit(self._span(meta), float(children[0]))
+        value = float(children[0])
+        if not math.isfinite(value):
+            raise ConvDSLError(f"the number {_clip(children[0])} is too large for a float "
+                               f"(the largest is about 1.8e308)", self._span(meta))
+        return ast.FloatLit(self._span(meta), value)
 
     @v_args(meta=True)
     def string_lit(self, meta, children):
         raw = str(children[0])[1:-1]
         try:
-            value = raw.encode("latin-1", "backslashreplace").decode("unicode_escape")
-        except UnicodeDecodeError:
+            with warnings.catch_warnings():  # Python only warns about "\777" and "\q"
+                warnings.simplefilter("error", DeprecationWarning)
+                value = raw.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        except (UnicodeDecodeError, DeprecationWarning):
             raise ConvDSLError("bad escape sequence in string", self._span(meta)) from None
         return ast.StringLit(self._span(meta), value)
 
@@ -222,6 +231,19 @@ class _ToAST(Transformer):
         return children
 
 
+def _clip(text: str, limit: int = 30) -> str:
+    return text if len(text) <= limit else f"{text[:12]}...{text[-6:]} ({len(text)} digits)"
+
+
+def _int_value(text: str, span: Span) -> int:
+    # Check the length first: int() refuses strings of more than 4300 digits.
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(INT_MAX)) or int(digits) > INT_MAX:
+        raise ConvDSLError(f"the integer {_clip(text)} is too large (the largest is 2^63 - 1)",
+                           span)
+    return int(digits)
+
+
 def _describe_expected(expected: set[str]) -> str:
     words = sorted({_TOKEN_WORDS.get(t, repr(t.lower())) for t in expected if not t.startswith("__")})
     if not words:
@@ -247,12 +269,11 @@ def _syntax_error(err: UnexpectedInput, text: str, filename: str) -> ConvDSLErro
     span = Span(filename, line, column, line, column + max(width, 1), text)
 
     hint = None
-    try:
-        if isinstance(err, UnexpectedCharacters):
-            raise LookupError  # a stray character: the plain message is clearer
-        hint = err.match_examples(_lark().parse, _MISTAKES, use_accepts=True)
-    except Exception:  # match_examples is best effort; never hide the real error
-        hint = None
+    if not isinstance(err, UnexpectedCharacters):  # a stray character: the plain message is clearer
+        try:
+            hint = err.match_examples(_lark().parse, _MISTAKES, use_accepts=True)
+        except Exception:  # noqa: BLE001 - best effort; never hide the real error
+            hint = None
 
     if isinstance(err, UnexpectedCharacters):
         message = f"unexpected character {text[err.pos_in_stream]!r}"
@@ -295,14 +316,29 @@ def _unclosed_bracket(text: str) -> str | None:
     return f"unclosed '{opener}': missing '{closer}'"
 
 
+def _check_nesting(tree: Tree, text: str, filename: str) -> None:
+    """Refuse a parse tree deeper than MAX_NESTING, found without recursion,
+    pointing at the first node past the limit."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            span = _span_of_meta(node.meta, filename, text)
+            raise ConvDSLError(f"expressions nest more than {MAX_NESTING} levels deep here; "
+                               f"bind parts of it to names in separate statements", span)
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, Tree))
+
+
 def parse(text: str, filename: str = "<string>") -> ast.Program:
     """Parse .cdsl text into a Program; raises ConvDSLError on any syntax error."""
     try:
         tree = _lark().parse(text)
     except UnexpectedInput as err:
         raise _syntax_error(err, text, filename) from None
+    _check_nesting(tree, text, filename)
     try:
-        items = _ToAST(filename, text).transform(tree)
+        with stack_room():  # the transformer recurses once per tree level
+            items = _ToAST(filename, text).transform(tree)
     except Exception as err:  # Lark wraps errors raised inside callbacks
         inner = getattr(err, "orig_exc", err)
         if isinstance(inner, ConvDSLError):
@@ -310,7 +346,7 @@ def parse(text: str, filename: str = "<string>") -> ast.Program:
         raise
     program = ast.Program(filename, text)
     for item in items:
-        kind, table = {
+        _, table = {
             ast.TableDef: ("table", program.tables),
             ast.BlockDef: ("block", program.blocks),
             ast.NetDef: ("net", program.nets),

@@ -92,7 +92,9 @@ class Graph:
         self.nx.remove_node(node_id)
 
     def replace_uses(self, old: ValueRef, new: ValueRef) -> None:
-        for node in self.nodes():
+        # Only the producer's users can read `old` (edges mirror inputs): visiting
+        # them, not every node in order, keeps a pass over n nodes O(n) here.
+        for node in self.users(old.node):
             if old in node.inputs:
                 node.inputs = [new if r == old else r for r in node.inputs]
                 self.rewire(node)

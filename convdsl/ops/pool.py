@@ -28,8 +28,10 @@ def _normalize_pool(ctx: ShapeContext) -> dict:
             raise ctx.error(f"p= must be > 0, got {a['p']}", "p")
         attrs["p"] = float(a["p"])
     if kind == "wavg":
-        if not a["sigma"] > 0:
-            raise ctx.error(f"sigma= must be > 0, got {a['sigma']}", "sigma")
+        # Below 1e-6 the weights are already all on the nearest taps, and
+        # 1/(2 sigma^2) would overflow (a division by zero in f64, inf in f32).
+        if not a["sigma"] >= 1e-6:
+            raise ctx.error(f"sigma= must be >= 1e-6, got {a['sigma']}", "sigma")
         attrs["sigma"] = float(a["sigma"])
     if a["output"] is not None:
         if a["window"] is not None:
