@@ -168,6 +168,21 @@ def table_blocks(table, c_in: int, block_n: int, device) -> tuple[torch.Tensor, 
             member.to(device))
 
 
+def conv_operands(x, weight, params, attrs, channels, block_n, table_blocks) -> tuple[list, list]:
+    """x, the weight, the bias and a connection table's block lists (from
+    `table_blocks(table, c_in, block_n, device)`), with the membership
+    matrix's strides: the operands every implicit-GEMM conv kernel reads."""
+    pointers = [x, weight]
+    if attrs["bias"] != "none":
+        pointers.append(params["bias"].detach())
+    extra_strides = []
+    if attrs["table"] is not None:
+        blocks = table_blocks(attrs["table"], channels, block_n, x.device)
+        pointers.extend(blocks)
+        extra_strides = list(blocks[2].stride())
+    return pointers, extra_strides
+
+
 def table_connections(table) -> int:
     return sum(len(row) for row in table)
 
@@ -266,7 +281,7 @@ class Conv(Family):
             raise TypeError(f"the triton conv takes f32/f16/bf16 inputs, got {x.dtype}")
         x = x.detach()
         batch, channels, sizes = x.shape[0], x.shape[1], tuple(x.shape[2:])
-        groups, c_out_total, table = a["groups"], a["out"], a["table"]
+        groups, c_out_total = a["groups"], a["out"]
         pads = resolve_pads(a["pad"], sizes, a["kernel"], a["stride"], a["dilation"])
         out_sizes = tuple((m + before + after - effective_kernel(k, r)) // s + 1
                           for m, (before, after), k, s, r in zip(sizes, pads, a["kernel"],
@@ -288,14 +303,8 @@ class Conv(Family):
         grid = (triton.cdiv(m_total, tile.BLOCK_M), triton.cdiv(c_out, tile.BLOCK_N), groups)
 
         # Launch.
-        pointers = [x, weight]
-        if a["bias"] != "none":
-            pointers.append(p["bias"].detach())
-        extra_strides = []
-        if table is not None:
-            blocks = self._table_blocks(table, channels, tile.BLOCK_N, x.device)
-            pointers.extend(blocks)
-            extra_strides = list(blocks[2].stride())
+        pointers, extra_strides = conv_operands(x, weight, p, a, channels, tile.BLOCK_N,
+                                                self._table_blocks)
         pointers += [y, *residuals, *kept]
         location = [math.prod(out_sizes)] if a["bias"] == "location" else []
         options = tile.launch_options() if device == "gpu" else {}

@@ -43,6 +43,7 @@ from .conv import (
     TORCH_DTYPE,
     Tile,
     WeightCache,
+    conv_operands,
     dot_in_fp32,
     geometry,
     input_precision,
@@ -218,7 +219,7 @@ class ConvPool(Family):
             raise TypeError(f"the triton conv takes f32/f16/bf16 inputs, got {x.dtype}")
         x = x.detach()
         batch, channels, sizes = x.shape[0], x.shape[1], tuple(x.shape[2:])
-        groups, c_out_total, table = a["groups"], a["out"], a["table"]
+        groups, c_out_total = a["groups"], a["out"]
         saving = plan.meta["saving"]
 
         # Conv geometry: padding and the conv output (the pooling input) sizes.
@@ -254,14 +255,8 @@ class ConvPool(Family):
         grid = (triton.cdiv(m_total, tile.BLOCK_M), triton.cdiv(c_out, tile.BLOCK_N), groups)
 
         # Launch.
-        pointers = [x, weight]
-        if a["bias"] != "none":
-            pointers.append(p["bias"].detach())
-        extra_strides = []
-        if table is not None:
-            blocks = self._table_blocks(table, channels, tile.BLOCK_N, x.device)
-            pointers.extend(blocks)
-            extra_strides = list(blocks[2].stride())
+        pointers, extra_strides = conv_operands(x, weight, p, a, channels, tile.BLOCK_N,
+                                                self._table_blocks)
         pointers.append(y)
         pointers.extend(kept)
         location = [math.prod(conv_sizes)] if a["bias"] == "location" else []
