@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--target", help="GPU architecture, e.g. sm_80 or sm_90 (no GPU needed)")
     comp.add_argument("--shape", default="", help="sizes for the cost model, e.g. N=8,H=32,W=32 "
                                                   "(unset symbols: 32)")
+    comp.add_argument("--as-launched", action="store_true",
+                      help="with --target: compile every kernel as a GPU launch at --shape "
+                           "specializes it (unit strides constant, alignment facts), each "
+                           "autotuning candidate too; no GPU needed")
 
     exp = sub.add_parser("explore", help="write one HTML page: source, IR after each pass, "
                                          "kernels with their cost, all linked")
@@ -255,6 +259,8 @@ def cmd_compile(args) -> int:
             parse_target(args.target)
         except ValueError as err:
             raise UsageError(str(err)) from None
+    elif args.as_launched:
+        raise UsageError("--as-launched needs --target, e.g. --target sm_90")
     sizes = _parse_shape(args.shape)
     net = _compile_quiet(args.file, net=args.net, backend="triton")
     net._program.programs(net)  # lower the training and backward kernels too
@@ -271,6 +277,8 @@ def cmd_compile(args) -> int:
     if args.target is None:
         return EXIT_OK
     env = {s: sizes.get(s, 32) for s in net._graph.symbols}
+    if args.as_launched:
+        return _compile_as_launched(net, args.target, outdir, env, cost)
     reports = compile_program(net._program, args.target, outdir, env)
     doc = report_json(args.target, reports, env)
     doc["cost_model"] = cost["totals"]
@@ -279,6 +287,29 @@ def cmd_compile(args) -> int:
     for r in reports:
         print(f"{r.name:40} {r.direction:8} {r.registers!s:>5} {r.spills!s:>6} "
               f"{r.shared_bytes:>7} {r.flops / 1e6:>9.3f} {r.bytes / 1e6:>8.3f}")
+    print(f"report: {outdir / 'report.json'}")
+    return EXIT_OK
+
+
+def _compile_as_launched(net, target: str, outdir, env: dict, cost: dict) -> int:
+    """`convdsl compile --as-launched`: record a training step's launches at
+    `env` as on a GPU (every autotuning candidate) and compile each distinct one."""
+    import json
+
+    from .triton.aot_launch import compile_launches, record_net, report_json
+
+    reports = compile_launches(record_net(net, env), target, outdir)
+    doc = report_json(target, env, reports)
+    doc["cost_model"] = cost["totals"]
+    (outdir / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"{'kernel':40} {'config':34} {'regs':>5} {'spills':>6} {'smem':>7}  tensor cores")
+    for r in reports:
+        config = " ".join(f"{k.replace('BLOCK_', '').lower()}={v}" for k, v in r.config.items())
+        mma = ("wgmma" if r.features["wgmma"] else "mma.sync" if r.features["mma_sync"]
+               else "-")
+        print(f"{r.name:40} {config + (' *' if r.default else ''):34} {r.registers!s:>5} "
+              f"{r.spills!s:>6} {r.shared_bytes:>7}  {mma}")
+    print("* the default config; the others are autotuning candidates")
     print(f"report: {outdir / 'report.json'}")
     return EXIT_OK
 

@@ -151,13 +151,15 @@ def _act(fn):
                                             attrs["fattrs"])
 
 
-# name → (saved value: "x" or "y", gradient of dy given the saved value)
+# name → (saved value: "x" or "y", gradient of dy given the saved value).
+# Branches test `<= 0` as PyTorch's backward kernels do, so a NaN input passes
+# dy through relu and elu as it does in PyTorch.
 ACTIVATION_GRADS = {
-    "relu": ("y", lambda dy, y, a: torch.where(y > 0, dy, torch.zeros_like(dy))),
+    "relu": ("y", lambda dy, y, a: torch.where(y <= 0, torch.zeros_like(dy), dy)),
     "sigmoid": ("y", lambda dy, y, a: dy * y * (1 - y)),
     "tanh": ("y", lambda dy, y, a: dy * (1 - y * y)),
     "leaky_relu": ("x", lambda dy, x, a: torch.where(x > 0, dy, dy * a["slope"])),
-    "elu": ("x", lambda dy, x, a: torch.where(x > 0, dy, dy * a["alpha"] * torch.exp(x))),
+    "elu": ("x", lambda dy, x, a: torch.where(x <= 0, dy * a["alpha"] * torch.exp(x), dy)),
     "softplus": ("x", lambda dy, x, a: dy * torch.sigmoid(x)),
     "softmax": ("y", lambda dy, y, a: y * (dy - (dy * y).sum(a["axis"], keepdim=True))),
     "log_softmax": ("y", lambda dy, y, a: dy - torch.exp(y) * dy.sum(a["axis"], keepdim=True)),

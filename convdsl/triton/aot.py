@@ -59,9 +59,10 @@ def resource_usage(cubin: bytes, name: str, workdir: Path) -> tuple[int | None, 
 
 
 def compile_kernel(source: str, name: str, signature: dict, constexprs: dict, capability: int,
-                   options: dict | None = None):
+                   options: dict | None = None, attrs: list | None = None):
     """One kernel compiled for `sm_<capability>` in this process (Triton in compiled
-    mode); `options` are launch options such as num_warps and num_stages."""
+    mode); `options` are launch options such as num_warps and num_stages, `attrs`
+    the JIT's argument facts as [[path], [[name, value], ...]] pairs (aot_launch.py)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -70,7 +71,9 @@ def compile_kernel(source: str, name: str, signature: dict, constexprs: dict, ca
 
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     fn = load_kernel(source, name, interpret=False)
-    return triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
+    facts = {tuple(path): value for path, value in attrs or ()}
+    return triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs,
+                                    attrs=facts),
                           target=GPUTarget("cuda", capability, 32), options=options or None)
 
 
@@ -88,7 +91,8 @@ def compile_many(jobs: list[dict], capability: int, progress: bool | None = None
             results = []
             for job in jobs:
                 compiled = compile_kernel(job["source"], job["name"], job["signature"],
-                                          job["constexprs"], capability, job.get("options"))
+                                          job["constexprs"], capability, job.get("options"),
+                                          job.get("attrs"))
                 results.append({"ptx": compiled.asm["ptx"], "cubin": compiled.asm["cubin"],
                                 "shared": int(compiled.metadata.shared)})
                 shown.update(1)

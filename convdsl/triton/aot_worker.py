@@ -15,7 +15,8 @@ def main() -> None:
     results = []
     for job in request["jobs"]:
         compiled = compile_kernel(job["source"], job["name"], job["signature"],
-                                  job["constexprs"], request["capability"], job.get("options"))
+                                  job["constexprs"], request["capability"], job.get("options"),
+                                  job.get("attrs"))
         results.append({"ptx": compiled.asm["ptx"],
                         "cubin": base64.b64encode(compiled.asm["cubin"]).decode(),
                         "shared": int(compiled.metadata.shared)})

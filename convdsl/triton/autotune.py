@@ -241,10 +241,21 @@ def choose(plan, candidates: Sequence[Config] | dict, tensors: Sequence[torch.Te
     `candidates` is a list, or a family's {"gpu": [...], "cpu": [...]} table
     (the tensors' device picks the list); `extra` holds anything else the best
     config depends on (a mode, a window)."""
+    from .families.base import candidate_run, runs_every_candidate, target
+
     device = tensors[0].device
     if isinstance(candidates, dict):  # a family's {"gpu": [...], "cpu": [...]} table
-        candidates = candidates["gpu" if device.type == "cuda" else "cpu"]
-    if device.type != "cuda" or len(candidates) == 1 or not enabled():
+        candidates = candidates[target(tensors[0])]
+    if device.type != "cuda":
+        # No GPU to time on. Inside families.as_gpu(every_candidate=True) every
+        # other candidate runs once (checked under the interpreter, or recorded
+        # for ahead-of-time compiles); the caller launches the default.
+        if runs_every_candidate():
+            for config in candidates[1:]:
+                with candidate_run():
+                    run(config)
+        return candidates[0]
+    if len(candidates) == 1 or not enabled():
         return candidates[0]
     from .loader import source_hash
 

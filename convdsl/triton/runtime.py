@@ -12,6 +12,7 @@ from .. import log
 from ..checks import check_layers
 from ..ir import Graph, ValueRef
 from ..ir.types import symbol
+from .aot_launch import recording_kernel
 from .families import KernelPlan, family
 from .loader import load_kernel
 from .lowering import expand_fused, lower
@@ -39,6 +40,9 @@ class TritonProgram:
     def kernel(self, plan: KernelPlan):
         if not plan.source:
             return None
+        recorder = recording_kernel(plan.source, plan.name)
+        if recorder is not None:  # aot_launch.recording(): never cached
+            return recorder
         kernel = self._kernels.get(plan.name)
         if kernel is None:
             kernel = self._kernels[plan.name] = load_kernel(plan.source, plan.name)

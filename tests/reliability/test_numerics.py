@@ -314,3 +314,27 @@ def test_max_pooling_gradient_flows_to_the_nan_as_in_pytorch(backend):
     net(x).sum().backward()
     F.max_pool2d(ref_x, 2).sum().backward()
     torch.testing.assert_close(x.grad, ref_x.grad, equal_nan=True)
+
+
+ACTIVATIONS_AT_NAN = {
+    "relu": ("relu(x)", F.relu),
+    "leaky_relu": ("leaky_relu(x, 0.1)", lambda x: F.leaky_relu(x, 0.1)),
+    "tanh": ("tanh(x)", torch.tanh),
+    "sigmoid": ("sigmoid(x)", torch.sigmoid),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ACTIVATIONS_AT_NAN))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_activation_gradient_at_nan_as_in_pytorch(backend, case):
+    """PyTorch's relu backward passes dy through at a NaN input (it tests
+    `y <= 0`); so must ours. (elu is left out: PyTorch's own CPU kernels give
+    dy or NaN there depending on alpha.)"""
+    expr, reference = ACTIVATIONS_AT_NAN[case]
+    net = compile_quiet(f"net S(x: f32[N, 2, 6, 6]) {{\n    return {expr}\n}}", backend)
+    x = special_input(math.nan, (0, 0, 2, 3)).requires_grad_(True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    seed = torch.randn(1, 2, 6, 6, generator=torch.Generator().manual_seed(5))
+    (net(x) * seed).sum().backward()
+    (reference(ref_x) * seed).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad, equal_nan=True, **F32)

@@ -4,6 +4,9 @@ tensors, and describes a representative specialization for ahead-of-time
 compilation and the cost model."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +57,57 @@ class Family:
     def cost(self, plan: KernelPlan, graph: Graph, env: dict) -> tuple[int, int]:
         """Analytic (FLOPs, global-memory bytes) at concrete sizes `env`."""
         raise AssertionError(f"family {self.name} must define cost()")
+
+
+# Set by as_gpu(): launches on host tensors take the GPU's configs.
+_AS_GPU: contextvars.ContextVar[dict | None] = contextvars.ContextVar("convdsl_as_gpu",
+                                                                      default=None)
+
+
+def target(t: torch.Tensor) -> str:
+    """Which configs a launch takes (tile tables, launch options, how tl.dot
+    multiplies): the interpreter's ("cpu") or a GPU's ("gpu"). The one place
+    every family asks."""
+    if _AS_GPU.get() is not None:
+        return "gpu"
+    return "cpu" if t.device.type == "cpu" else "gpu"
+
+
+@contextlib.contextmanager
+def as_gpu(every_candidate: bool = False) -> Iterator[None]:
+    """Launches on host tensors plan as on a GPU: GPU tiles, launch options
+    and tl.dot precision, with no GPU. Under the interpreter this checks that
+    the GPU configs compute the right answer; with recording kernels
+    (aot_launch.py) it captures the exact arguments a GPU launch would pass.
+    With `every_candidate`, a family's autotuned launch also runs each of its
+    other candidates (autotune.choose) before the default."""
+    token = _AS_GPU.set({"every_candidate": every_candidate})
+    try:
+        yield
+    finally:
+        _AS_GPU.reset(token)
+
+
+def runs_every_candidate() -> bool:
+    """Inside as_gpu(every_candidate=True)."""
+    mode = _AS_GPU.get()
+    return bool(mode and mode["every_candidate"])
+
+
+@contextlib.contextmanager
+def candidate_run() -> Iterator[None]:
+    """Marks the launches of a non-default autotuning candidate (for recorders)."""
+    mode = _AS_GPU.get()
+    token = _AS_GPU.set({**(mode or {"every_candidate": False}), "candidate": True})
+    try:
+        yield
+    finally:
+        _AS_GPU.reset(token)
+
+
+def trying_candidate() -> bool:
+    mode = _AS_GPU.get()
+    return bool(mode and mode.get("candidate"))
 
 
 def needs_int64(*tensors: torch.Tensor) -> bool:

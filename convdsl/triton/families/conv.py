@@ -23,6 +23,7 @@ stored, plus, in the training variant, the intermediates the backward pass reads
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -33,8 +34,9 @@ import triton
 from ...ir import ValueRef
 from ...ir.types import evaluate
 from ...ops.spatial import effective_kernel, resolve_pads
+from .. import autotune
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
+from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64, target
 from .epilogue import (
     Epilogue,
     anchor_step,
@@ -71,19 +73,32 @@ class Tile:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
-# GPU tiles: the first that fits shared memory runs; the rest are candidates
-# for the autotuner. The first is the largest that compiles without spills
-# ahead of time (aot.py builds num_warps=4, num_stages=3 and passes no
-# alignment facts, so every load there is a scalar gather); the larger ones
-# need the 16-byte alignment a real launch specializes on.
-CONV_TILES = (
-    Tile(64, 64, 32, num_warps=4, num_stages=3),
-    Tile(128, 128, 64, num_warps=8, num_stages=3),  # f16/bf16 ResNet-style layers, channels-last
-    Tile(128, 128, 32, num_warps=8, num_stages=3),  # f32 (tf32)
+# GPU tiles: the first that fits shared memory is the default; the others are
+# candidates for the autotuner. Chosen from compiles of a ResNet 3x3 layer
+# (64 -> 64 channels, 56x56, NCHW) as a real launch specializes it
+# (aot_launch.py, sm_90): registers per thread bf16 / tf32 / exact f32, none
+# spills. 128x128 tiles spill 232-536 bytes there and are left out. The f32
+# default stays 64x64x32: with no facts about its arguments (aot.py's
+# representative build, and a launch with odd strides) 64x64x64 spills in f32.
+CONV_TILES = (  # f16 / bf16
+    Tile(64, 64, 64, num_warps=4, num_stages=3),  # 167
+    Tile(128, 64, 64, num_warps=8, num_stages=3),  # 171
+    Tile(64, 128, 32, num_warps=8, num_stages=3),  # 171
+    Tile(128, 64, 32, num_warps=8, num_stages=3),  # 240
+    Tile(64, 64, 32, num_warps=4, num_stages=3),  # 252
+)
+CONV_F32_TILES = (  # tf32 / exact f32
+    Tile(64, 64, 32, num_warps=4, num_stages=3),  # 216 / 204
+    Tile(64, 64, 64, num_warps=4, num_stages=3),  # 198 / 186
+    Tile(64, 128, 32, num_warps=8, num_stages=3),  # 230 / 189
+    Tile(128, 64, 32, num_warps=8, num_stages=3),  # 220 / 202
 )
 # Connection tables (a gathered [BLOCK_K, BLOCK_N] membership tile) and 3-D
-# convs (three position vectors per row) need more registers per row: fewer rows.
-NARROW_TILES = (Tile(32, 64, 32, num_warps=4, num_stages=3),)
+# convs (three position vectors per row) need more registers per row: fewer rows
+# by default; the autotuner may still find a wider tile faster on a given layer.
+NARROW_TILES = (Tile(32, 64, 32, num_warps=4, num_stages=3),
+                Tile(32, 32, 32, num_warps=4, num_stages=3),
+                Tile(64, 64, 32, num_warps=4, num_stages=3))
 # The interpreter runs one program at a time in numpy: fewer, larger programs
 # are faster, and tl.dot needs every dim >= 16.
 CONV_CPU_TILE = Tile(64, 32, 32, num_warps=1, num_stages=1)
@@ -96,6 +111,13 @@ def pick_tile(tiles, a_itemsize: int, b_itemsize: int) -> Tile:
     return tiles[-1]
 
 
+def tile_candidates(first: Tile, tiles, a_itemsize: int, b_itemsize: int) -> list[Tile]:
+    """What the autotuner times: `first` (the default a family picks), then
+    the other tiles that fit shared memory."""
+    return [first] + [t for t in tiles if t != first
+                      and t.shared_bytes(a_itemsize, b_itemsize) <= SHARED_LIMIT]
+
+
 def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     """How tl.dot multiplies fp32 operands (ignored for f16/bf16)."""
     return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
@@ -104,13 +126,16 @@ def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 def dot_in_fp32(x: torch.Tensor) -> bool:
     """The interpreter's bf16 tl.dot is unreliable: multiply there in fp32
     (exact for products of 16-bit values; the accumulator is fp32 anyway)."""
-    return x.device.type == "cpu" and x.dtype != torch.float32
+    return target(x) == "cpu" and x.dtype != torch.float32
 
 
 class WeightCache:
     """Weights converted (and, for convs, re-laid-out) for the GPU, once per
-    parameter version: `optimizer.step()` bumps `_version`, so a stale copy is
-    never used. Holding the source tensor keeps its data_ptr unique."""
+    parameter version: `optimizer.step()` bumps `_version` (shared by every
+    `.detach()` of the parameter), so a stale copy is never used. Holding the
+    source tensor keeps its storage alive, so no other tensor can take its
+    data_ptr while the entry exists: a fresh `.detach()` of the same
+    parameter finds the entry."""
 
     def __init__(self, limit: int = 256):
         self.limit = limit
@@ -120,7 +145,7 @@ class WeightCache:
         key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), dtype,
                str(weight.device))
         entry = self._entries.get(key)
-        if entry is None or entry[0] is not weight:
+        if entry is None:
             if len(self._entries) >= self.limit:
                 self._entries.clear()
             with torch.no_grad():
@@ -232,6 +257,7 @@ def epilogue_meta(ep: Epilogue) -> dict:
 class Conv(Family):
     name = "conv"
     tiles = CONV_TILES
+    f32_tiles = CONV_F32_TILES
     narrow_tiles = NARROW_TILES
     cpu_tile = CONV_CPU_TILE
     # re-lay weights out (see packed_conv_weight)
@@ -269,10 +295,21 @@ class Conv(Family):
     def tile(self, device: str, attrs, x_itemsize: int, w_itemsize: int) -> Tile:
         if device == "cpu":
             return self.cpu_tile
-        narrow = attrs["table"] is not None or len(attrs["kernel"]) == 3
-        return pick_tile(self.narrow_tiles if narrow else self.tiles, x_itemsize, w_itemsize)
+        return pick_tile(self._tiles(attrs, x_itemsize), x_itemsize, w_itemsize)
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def _tiles(self, attrs, x_itemsize: int):
+        if attrs["table"] is not None or len(attrs["kernel"]) == 3:
+            return self.narrow_tiles
+        return self.f32_tiles if x_itemsize == 4 else self.tiles
+
+    def candidates(self, device: str, attrs, x_itemsize: int, w_itemsize: int) -> list[Tile]:
+        """The default tile, then the others the autotuner may time on a GPU."""
+        first = self.tile(device, attrs, x_itemsize, w_itemsize)
+        if device == "cpu":
+            return [first]
+        return tile_candidates(first, self._tiles(attrs, x_itemsize), x_itemsize, w_itemsize)
+
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # Check inputs: x, then the epilogue's residual operands (if any).
         x, *residuals = inputs
         (node_id,) = plan.nodes
@@ -286,16 +323,24 @@ class Conv(Family):
         out_sizes = tuple((m + before + after - effective_kernel(k, r)) // s + 1
                           for m, (before, after), k, s, r in zip(sizes, pads, a["kernel"],
                                                                  a["stride"], a["dilation"]))
-        device = "cpu" if x.device.type == "cpu" else "gpu"
+        device = target(x)
         weight = p["weight"].detach()
         if self.pack_weights[device]:
             weight = self._weights.get(weight, x.dtype, lambda w: packed_conv_weight(w, x.dtype))
-        tile = self.tile(device, a, x.element_size(), weight.element_size())
 
         # Allocate the output (a residual's layout when there is one) and the kept values.
         y, residuals, kept = epilogue_outputs(residuals, (batch, c_out_total) + out_sizes,
                                               x.dtype, x.device, output_format(x),
                                               plan.meta.get("kept", 0))
+
+        tile = config
+        if tile is None:  # tuned on first use on a GPU: timing relaunches each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            layer = {k: a[k] for k in ("out", "kernel", "stride", "dilation", "groups", "flip")}
+            tile = autotune.choose(
+                plan, self.candidates(device, a, x.element_size(), weight.element_size()),
+                (x, *residuals), relaunch,
+                extra={**layer, "pads": pads, "table": a["table"] is not None})
 
         # Grid: output-position blocks × output-channel blocks × groups.
         c_in, c_out = channels // groups, c_out_total // groups

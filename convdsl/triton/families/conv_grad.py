@@ -42,7 +42,6 @@ from ..loader import load_kernel
 from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
 from .conv import (
     DIMS,
-    SHARED_LIMIT,
     TORCH_DTYPE,
     Tile,
     WeightCache,
@@ -54,6 +53,7 @@ from .conv import (
     pick_tile,
     table_blocks,
     table_connections,
+    tile_candidates,
 )
 from .epilogue import (
     anchor_step,
@@ -289,8 +289,7 @@ class ConvDx(Family):
         first = self.tile(direct, device, itemsize, w_itemsize, table, rank)
         if direct or device == "cpu" or table or rank == 3:
             return [first]
-        return [first] + [t for t in self.tiles if t != first
-                          and t.shared_bytes(itemsize, w_itemsize) <= SHARED_LIMIT]
+        return tile_candidates(first, self.tiles, itemsize, w_itemsize)
 
     def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # Check inputs: dy, then the epilogue's residuals (saved forward values).
@@ -510,8 +509,7 @@ class ConvDw(Family):
         first = self.tile(direct, device, itemsize, rank)
         if direct or device == "cpu" or rank == 3:
             return [first]
-        return [first] + [t for t in self.tiles if t != first
-                          and t.shared_bytes(itemsize, itemsize) <= SHARED_LIMIT]
+        return tile_candidates(first, self.tiles, itemsize, itemsize)
 
     def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # Check inputs.

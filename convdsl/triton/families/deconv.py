@@ -9,6 +9,7 @@ before its one store (families/epilogue.py): the pre-activation never reaches
 global memory, unless the training variant keeps it for the backward pass."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import ClassVar
 
@@ -17,8 +18,10 @@ import triton
 
 from ...ir import ValueRef
 from ...ops.conv import deconv_crops, deconv_ranges
+from .. import autotune
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, Family, KernelPlan, needs_int64
+from .conv import WeightCache
 from .epilogue import (
     anchor_step,
     epilogue_flops,
@@ -36,12 +39,12 @@ from .spatial import (
     Arguments,
     bias_args,
     bias_value,
+    block_candidates,
     dot_options,
     ints,
     numel,
     pad3,
     param_numel,
-    pow2,
     spatial3,
     target,
     the_node,
@@ -93,8 +96,14 @@ class Deconv(Family):
     # (BLOCK_M, BLOCK_N, BLOCK_K, pipeline stages of the channel loop). The
     # channel loop sits inside the tap loop: pipelining it 3 deep costs ~80
     # registers per thread, so 2 stages; larger tiles spill in the AOT build
-    # (no alignment facts there: every row offset is held per thread).
-    CONFIGS: ClassVar[dict] = {"gpu": [(32, 32, 32, 2)], "cpu": [(128, 64, 64, 1)]}
+    # (no alignment facts there: every row offset is held per thread). The
+    # others are candidates for the autotuner.
+    CONFIGS: ClassVar[dict] = {"gpu": [(32, 32, 32, 2), (64, 32, 32, 2), (32, 64, 32, 2),
+                                       (64, 64, 32, 2)],
+                               "cpu": [(128, 64, 64, 1)]}
+
+    def __init__(self):
+        self._weights = WeightCache()
 
     def plan(self, graph, nodes) -> KernelPlan:
         (node,) = nodes
@@ -135,7 +144,7 @@ class Deconv(Family):
                 "STAGES": block[3], **dot,
                 "INDEX_64": index_64}
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # check inputs
         meta = plan.meta
         x, *residuals = inputs
@@ -144,8 +153,11 @@ class Deconv(Family):
         assert x.dim() == meta["rank"] + 2 and len(residuals) == meta["epilogue"]["residuals"]
         c_in, c_out = p["weight"].shape[:2]
         taps = math.prod(meta["kernel"])
-        # [C_IN, C_OUT, *k] -> [taps, C_IN, C_OUT]: each tap's matrix dense, C_OUT contiguous
-        weight = p["weight"].reshape(c_in, c_out, taps).permute(2, 0, 1).contiguous()
+        # [C_IN, C_OUT, *k] -> [taps, C_IN, C_OUT]: each tap's matrix dense, C_OUT
+        # contiguous; made once per parameter version
+        weight = self._weights.get(
+            p["weight"].detach(), p["weight"].dtype,
+            lambda w: w.reshape(c_in, c_out, taps).permute(2, 0, 1).contiguous())
         assert c_in == x.shape[1]
         out_spatial, starts = output_geometry(a, x.shape[2:])
         # allocate the output (in a residual's layout) and the kept intermediates like it
@@ -156,9 +168,14 @@ class Deconv(Family):
         phases = meta["stride"]
         sub = [triton.cdiv(o, s) for o, s in zip((od, oh, ow), phases)]
         rows = x.shape[0] * math.prod(sub)
-        bm, bn, bk, stages = self.CONFIGS[target(x)][0]
-        block = (max(16, min(bm, pow2(rows))), max(16, min(bn, pow2(c_out))),
-                 max(16, min(bk, pow2(c_in))), stages)
+        block = config
+        if block is None:  # tuned on first use on a GPU: timing relaunches each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            block = autotune.choose(
+                plan, block_candidates(self.CONFIGS[target(x)], rows, c_out, c_in),
+                (x, *residuals), relaunch,
+                extra={"out": c_out, "kernel": meta["kernel"], "stride": meta["stride"],
+                       "dilation": meta["dilation"], "starts": starts})
         values = {"x_ptr": x, "w_ptr": weight, **bias_value(p, meta["bias"]), "y_ptr": y,
                   **extra, "N": x.shape[0], "C_IN": c_in, "D": d, "H": h, "W": w,
                   "C_OUT": c_out, "OD": od, "OH": oh, "OW": ow,
@@ -171,7 +188,7 @@ class Deconv(Family):
         grid = (math.prod(phases) * triton.cdiv(c_out, block[1]) * triton.cdiv(rows, block[0]),)
         kernel[grid](*self.arguments(meta).values(values),
                      **self.constexprs(meta, block, needs_int64(x, y),
-                                     dot_options(x.device.type, x.dtype)))
+                                     dot_options(target(x), x.dtype)))
         return [y, *(extra[f"kept{i}_ptr"] for i in range(meta["epilogue"]["kept"]))]
 
     def aot(self, plan, graph):

@@ -5,14 +5,16 @@ with the epilogue (families/epilogue.py) applied to the fp32 accumulator
 before the one store; see conv.py for the shared epilogue helpers."""
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
 import triton
 
 from ...ir import ValueRef
+from .. import autotune
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
+from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64, target
 from .conv import (
     TORCH_DTYPE,
     Tile,
@@ -24,6 +26,7 @@ from .conv import (
     epilogue_outputs,
     input_precision,
     pick_tile,
+    tile_candidates,
 )
 from .epilogue import (
     anchor_step,
@@ -34,11 +37,16 @@ from .epilogue import (
     launch_params,
 )
 
-# GPU tiles: the first that fits shared memory runs (see conv.CONV_TILES).
+# GPU tiles: the first that fits shared memory is the default, the others
+# candidates for the autotuner (see conv.CONV_TILES). Registers per thread for
+# a bf16 1024 -> 1024 layer + relu as launched (aot_launch.py, sm_90): 88, 174,
+# 174, 88, 88; none spills (128x128 with 4 warps spills 184 bytes: left out).
 DENSE_TILES = (
     Tile(64, 64, 32, num_warps=4, num_stages=3),
     Tile(128, 128, 64, num_warps=8, num_stages=3),
     Tile(128, 128, 32, num_warps=8, num_stages=3),
+    Tile(128, 64, 64, num_warps=8, num_stages=3),
+    Tile(64, 128, 64, num_warps=8, num_stages=3),
 )
 # Exact fp32 products (INPUT_PRECISION "ieee", PyTorch's default for fp32 matmuls)
 # run on FMA units with both operand tiles in registers: a 16-wide K step keeps
@@ -78,10 +86,20 @@ class Dense(Family):
     def tile(self, device: str, precision: str, x_itemsize: int, w_itemsize: int) -> Tile:
         if device == "cpu":
             return self.cpu_tile
-        tiles = self.ieee_tiles if precision == "ieee" and x_itemsize == 4 else self.tiles
-        return pick_tile(tiles, x_itemsize, w_itemsize)
+        return pick_tile(self._tiles(precision, x_itemsize), x_itemsize, w_itemsize)
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def _tiles(self, precision: str, x_itemsize: int):
+        return self.ieee_tiles if precision == "ieee" and x_itemsize == 4 else self.tiles
+
+    def candidates(self, device: str, precision: str, x_itemsize: int,
+                   w_itemsize: int) -> list[Tile]:
+        """The default tile, then the others the autotuner may time on a GPU."""
+        first = self.tile(device, precision, x_itemsize, w_itemsize)
+        if device == "cpu":
+            return [first]
+        return tile_candidates(first, self._tiles(precision, x_itemsize), x_itemsize, w_itemsize)
+
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # Check inputs: x, then the epilogue's residual operands (if any).
         x, *residuals = inputs
         (node_id,) = plan.nodes
@@ -89,19 +107,24 @@ class Dense(Family):
         if x.dtype not in TORCH_DTYPE.values():
             raise TypeError(f"the triton dense layer takes f32/f16/bf16 inputs, got {x.dtype}")
         x = x.detach()
-        device = "cpu" if x.device.type == "cpu" else "gpu"
+        device = target(x)
         weight = p["weight"].detach()
         if self.convert_weights[device] and weight.dtype != x.dtype:
             weight = self._weights.get(weight, x.dtype, lambda w: w.to(x.dtype))
         # F.linear's fp32 matmuls follow torch.backends.cuda.matmul.allow_tf32.
         precision = input_precision(x.dtype, torch.backends.cuda.matmul.allow_tf32)
-        tile = self.tile(device, precision, x.element_size(), weight.element_size())
         batch, features = x.shape
         c_out = weight.shape[0]
 
         # Allocate the output (a residual's layout when there is one) and the kept values.
         y, residuals, kept = epilogue_outputs(residuals, (batch, c_out), x.dtype, x.device,
                                               torch.contiguous_format, plan.meta.get("kept", 0))
+        tile = config
+        if tile is None:  # tuned on first use on a GPU: timing relaunches each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            tile = autotune.choose(
+                plan, self.candidates(device, precision, x.element_size(), weight.element_size()),
+                (x, *residuals), relaunch, extra={"precision": precision, "out": c_out})
 
         # Grid and launch.
         grid = (triton.cdiv(batch, tile.BLOCK_M), triton.cdiv(c_out, tile.BLOCK_N))

@@ -6,7 +6,15 @@ import torch
 import triton
 
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, POINTER, Family, KernelPlan, float_literal, needs_int64
+from .base import (
+    ITEMSIZE,
+    POINTER,
+    Family,
+    KernelPlan,
+    float_literal,
+    needs_int64,
+    target,
+)
 
 # op → (fp32 Triton expression over operands {0}, {1}; attributes it reads)
 # The forms are chosen to propagate NaN as PyTorch does (relu(NaN) is NaN).
@@ -22,12 +30,13 @@ EXPRESSIONS = {
     "_add": "{0} + {1}",
     "_sub": "{0} - {1}",
     "_mul": "{0} * {1}",
-    # Gradients: {0} is dy, {1} the saved input or output (ops/grads.py says which).
-    "_relu_dx": "tl.where({1} > 0.0, {0}, 0.0)",
+    # Gradients: {0} is dy, {1} the saved input or output (ops/grads.py says which);
+    # `<= 0` tests as PyTorch's: a NaN input passes dy through relu and elu.
+    "_relu_dx": "tl.where({1} <= 0.0, 0.0, {0})",
     "_sigmoid_dx": "{0} * {1} * (1.0 - {1})",
     "_tanh_dx": "{0} * (1.0 - {1} * {1})",
     "_leaky_relu_dx": "tl.where({1} > 0.0, {0}, {0} * {slope})",
-    "_elu_dx": "tl.where({1} > 0.0, {0}, {0} * {alpha} * tl.exp({1}))",
+    "_elu_dx": "tl.where({1} <= 0.0, {0} * {alpha} * tl.exp({1}), {0})",
     "_softplus_dx": "{0} / (1.0 + tl.exp(-{1}))",
 }
 
@@ -81,7 +90,7 @@ class Elementwise(Family):
         outs = [torch.empty_like(operands[0], memory_format=torch.contiguous_format)
                 for _ in range(1 + plan.meta["kept"])]
         n = outs[0].numel()
-        block = self.BLOCK["cpu" if outs[0].device.type == "cpu" else "gpu"]
+        block = self.BLOCK[target(outs[0])]
         grid = (triton.cdiv(n, block),)
         kernel[grid](*operands, *outs, n, BLOCK=block, INDEX_64=needs_int64(outs[0]))
         return outs

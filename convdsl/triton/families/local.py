@@ -11,12 +11,14 @@ local+relu, tiled+relu) is the same kernel with the steps applied to the fp32
 tile before its one store (families/epilogue.py, as deconv.py does)."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import ClassVar
 
 import triton
 
 from ...ir import ValueRef
+from .. import autotune
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, Family, KernelPlan, needs_int64
 from .deconv import epilogue_meta, epilogue_tensors
@@ -28,13 +30,13 @@ from .spatial import (
     Arguments,
     bias_args,
     bias_value,
+    block_candidates,
     concrete_pads,
     dot_options,
     ints,
     numel,
     pad3,
     param_numel,
-    pow2,
     spatial3,
     target,
     the_node,
@@ -46,9 +48,11 @@ class Local(Family):
     name = "local"
     fuses = True  # computes fused nodes [local or tiled, elementwise epilogue...]
     # (BLOCK_M max, BLOCK_N max, BLOCK_K max), each clamped to the problem (>= 16
-    # for tl.dot). GPU: the first entry. A local class has one row per sample, so
-    # BLOCK_M is small and the weight slab (BLOCK_K x BLOCK_N) wide.
-    CONFIGS: ClassVar[dict] = {"gpu": [(16, 64, 64)], "cpu": [(64, 64, 64)]}
+    # for tl.dot). GPU: the first entry is the default, the others candidates
+    # for the autotuner. A local class has one row per sample, so BLOCK_M is
+    # small and the weight slab (BLOCK_K x BLOCK_N) wide.
+    CONFIGS: ClassVar[dict] = {"gpu": [(16, 64, 64), (16, 128, 32), (32, 64, 32), (16, 32, 64)],
+                               "cpu": [(64, 64, 64)]}
 
     def plan(self, graph, nodes) -> KernelPlan:
         (node,) = nodes
@@ -95,7 +99,7 @@ class Local(Family):
         positions = math.prod(out_spatial)
         return pad3(out_spatial, 1), reduction, positions * reduction
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # check inputs
         meta = plan.meta
         x, *residuals = inputs
@@ -116,9 +120,13 @@ class Local(Family):
         (od, oh, ow), sy = spatial3(y)
         sub = [triton.cdiv(o, t) for o, t in zip((od, oh, ow), tiles)]
         rows = x.shape[0] * math.prod(sub)
-        bm, bn, bk = self.CONFIGS[target(x)][0]
-        block = (max(16, min(bm, pow2(rows))), max(16, min(bn, pow2(c_out))),
-                 max(16, min(bk, pow2(reduction))))
+        block = config
+        if block is None:  # tuned on first use on a GPU: timing relaunches each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            block = autotune.choose(
+                plan, block_candidates(self.CONFIGS[target(x)], rows, c_out, reduction),
+                (x, *residuals), relaunch,
+                extra={"out": c_out, "kernel": meta["kernel"], "stride": meta["stride"]})
         values = {"x_ptr": x, "w_ptr": weight, **bias_value(p, meta["bias"]), "y_ptr": y,
                   **extra, "N": x.shape[0], "C": channels, "D": d, "H": h, "W": w,
                   "C_OUT": c_out, "OD": od, "OH": oh, "OW": ow,
@@ -132,7 +140,7 @@ class Local(Family):
         grid = (math.prod(tiles) * triton.cdiv(c_out, block[1]) * triton.cdiv(rows, block[0]),)
         kernel[grid](*self.arguments(meta).values(values),
                      **self.constexprs(meta, block, needs_int64(x, y, weight),
-                                     dot_options(x.device.type, x.dtype)))
+                                     dot_options(target(x), x.dtype)))
         return [y, *(extra[f"kept{i}_ptr"] for i in range(meta["epilogue"]["kept"]))]
 
     def aot(self, plan, graph):
@@ -164,7 +172,8 @@ class Tiled(Local):
     name = "tiled"
     # 32 rows x 64 channels x 32 K: ~170 registers in the AOT build (no
     # alignment facts there, every row index held per thread), no spills.
-    CONFIGS: ClassVar[dict] = {"gpu": [(32, 64, 32)], "cpu": [(64, 64, 64)]}
+    CONFIGS: ClassVar[dict] = {"gpu": [(32, 64, 32), (64, 64, 32), (32, 128, 32), (16, 64, 64)],
+                               "cpu": [(64, 64, 64)]}
 
     def classes(self, attrs, weight, out_spatial, c_out, reduction):
         return pad3(attrs["tiles"], 1), c_out * reduction, reduction

@@ -20,7 +20,15 @@ from ...ir.types import evaluate, static_value
 from ...ops.spatial import resolve_pads
 from .. import autotune
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, POINTER, Family, KernelPlan, float_literal, needs_int64
+from .base import (
+    ITEMSIZE,
+    POINTER,
+    Family,
+    KernelPlan,
+    float_literal,
+    needs_int64,
+    target,
+)
 
 DIMS = ("d", "h", "w")  # spatial dim letters, outermost first
 
@@ -44,7 +52,7 @@ _AOT_CELL = 4
 
 def pick_config(configs: dict, tensor: torch.Tensor) -> dict:
     """The block config for the device: the interpreter's on the CPU, else the GPU's first."""
-    return dict(configs["cpu" if tensor.device.type == "cpu" else "gpu"][0])
+    return dict(configs[target(tensor)][0])
 
 
 def numel(ttype, env) -> int:

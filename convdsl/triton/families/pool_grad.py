@@ -25,6 +25,20 @@ forward value, is a residual loaded at the lane's own input position. For max
 and Lp that is usually the very tensor the windows are rescanned from; it is
 simply loaded twice (the second load of one element per lane hits the cache).
 
+Rescanning makes max pooling cost O(inputs · windows per input · taps): fine
+for 2x2 or 3x3 windows, quadratic for a global or adaptive pool, whose window
+is the whole input. So max pooling over large windows is *routed* (see
+`routes_by_argmax`): a first kernel finds each window's argmax once, one
+program lane per window scanning it chunk by chunk, and stores it as an int32
+flat index into the input plane; the dx kernel is then the same gather, each
+input adding the dy of the candidate windows whose stored argmax is itself.
+Both passes are linear (windows · taps, and inputs · windows per input), every
+dx element is still written once by one lane summing in a fixed order — the
+same bytes every run, no atomics, overlapping adaptive cells included — and a
+fused epilogue stays where it was, in the dx kernel. Scattering dy from the
+argmax pass instead would need atomics (non-deterministic float adds) wherever
+windows overlap.
+
 Maxout's gradient works per group instead: one lane finds a group's argmax
 channel (the first maximal, as torch.max's index) and writes all its dx
 elements, dy at the argmax and 0 at the others.
@@ -34,13 +48,16 @@ from __future__ import annotations
 import functools
 import math
 
+import torch
 import triton
 
+from ...errors import ConvDSLInputError
 from ...ir import ValueRef
 from ...ir.types import evaluate, static_value
 from ...ops.spatial import resolve_pads
 from .. import autotune
 from ..codegen import module_source, render, safe_name
+from ..loader import load_kernel
 from .base import ITEMSIZE, POINTER, Family, KernelPlan, float_literal, needs_int64
 from .deconv import epilogue_meta, epilogue_tensors
 from .epilogue import anchor_step, launch_attrs
@@ -72,16 +89,50 @@ MAXOUT_CONFIGS = {
 }
 UNROLL = 16  # a fixed loop over at most this many candidate windows unrolls
 MAX_TAPS = 64  # windows of at most this many taps are one tile; longer ones go in chunks of it
+# Max pooling rescans windows of at most this many taps per input (one tile, no
+# second kernel or buffer); larger ones are routed through a per-window argmax.
+RESCAN_TAPS = MAX_TAPS
+# The argmax kernel: chunks of at most TAPS taps (a power of 2), BLOCK = TILE // chunk
+# windows per program. A global pool is few windows of many taps: one window a
+# program, 1024-tap chunks, 8 values a thread at num_warps=4.
+ARGMAX_CONFIGS = {
+    "gpu": {"TILE": 1024, "TAPS": 1024, "num_warps": 4},
+    "cpu": {"TILE": 1 << 16, "TAPS": 1 << 12, "num_warps": 4},
+}
+NO_WINNER = 1 << 30  # the template's NONE: flat indices in an input plane stay below it
 
 # FLOPs per (input, window) pair by kind, and per tap for the kinds that rescan a window
 _WINDOW_FLOPS = {"max": 2, "avg": 2, "lp": 6, "wavg": 8}
 _TAP_FLOPS = {"max": 2, "avg": 0, "lp": 2, "wavg": 0}
+_ARGMAX_FLOPS = 2  # per (window, tap): compare, select the index
 # The AOT specialization of adaptive cells when the input size is symbolic.
 _AOT_CELL, _AOT_CELLS_PER_INPUT = 4, 2
 
 
 def _dims(rank: int) -> list[str]:
     return list(DIMS[3 - rank:])
+
+
+def _flat(coords: list[str], counts: list[str]) -> str:
+    """The row-major flat index of `coords` over `counts` (the first count unused)."""
+    expr = coords[0]
+    for coord, count in zip(coords[1:], counts[1:]):
+        expr = f"({expr}) * {count} + {coord}"
+    return expr
+
+
+def routes_by_argmax(fattrs: dict, shape) -> bool:
+    """Max pooling whose windows may hold more than RESCAN_TAPS taps finds each
+    window's argmax once (two kernels) instead of rescanning it per input. An
+    adaptive cell's size is known only when the input's spatial sizes are."""
+    if fattrs["kind"] != "max":
+        return False
+    if "output" not in fattrs:
+        return math.prod(fattrs["window"]) > RESCAN_TAPS
+    sizes = [static_value(m) for m in shape[2:]]
+    if None in sizes:
+        return True
+    return math.prod(longest_cell(m, a) for m, a in zip(sizes, fattrs["output"])) > RESCAN_TAPS
 
 
 def _unflatten(index: str, counts: list[str]) -> list[str]:
@@ -133,8 +184,14 @@ class PoolDx(Family):
         kind, adaptive = f["kind"], "output" in f
         rank = len(anchor.attrs["input_type"][1]) - 2
         dims = _dims(rank)
-        scans = kind in ("max", "lp")  # rescans each window it visits
+        reads_x = kind in ("max", "lp")  # the plan's inputs include the forward input
+        routed = routes_by_argmax(f, anchor.attrs["input_type"][1])
+        scans = reads_x and not routed  # rescans each window it visits
+        upper = [d.upper() for d in dims]
         params = {"kind": kind, "dims": dims, "adaptive": adaptive, "reads_x": scans,
+                  "routed": routed, "me_flat": _flat([f"i{d}" for d in dims], upper),
+                  "o_flat": _flat([f"o{d}" for d in dims], [f"O{u}" for u in upper]),
+                  "n_outs": " * ".join(f"O{u}" for u in upper),
                   "cands": _unflatten("q", [f"NO_{d.upper()}" for d in dims]),
                   "n_cands": " * ".join(f"NO_{d.upper()}" for d in dims),
                   "taps": _unflatten("t", [f"K_{d.upper()}" for d in dims]),
@@ -161,9 +218,16 @@ class PoolDx(Family):
             params["unroll_cands"] = cands <= UNROLL and not scans and not params["clipped"]
         name = safe_name("pool", kind, "adaptive" if adaptive else "", "dx", *ep.name_parts(),
                          node.id)
-        source = module_source(render("pool_grad.py.jinja", name=name, ep=ep.template(),
-                                      **params))
-        meta = {"kind": kind, "rank": rank, "adaptive": adaptive, "reads_x": scans,
+        kernels = [render("pool_grad.py.jinja", part="dx", name=name, ep=ep.template(),
+                          **params)]
+        if routed:
+            # the argmax kernel's flat index is of a tap p, and its taps split by the cell's spans
+            kernels.append(render("pool_grad.py.jinja", part="argmax", name=f"{name}_argmax",
+                                  **{**params, "me_flat": _flat([f"p{d}" for d in dims], upper)},
+                                  spans=_unflatten("t", [f"span_{d}" for d in dims])))
+        source = module_source(*kernels)
+        meta = {"kind": kind, "rank": rank, "adaptive": adaptive, "reads_x": reads_x,
+                "routed": routed, "argmax": f"{name}_argmax" if routed else None,
                 "clipped": params["clipped"],
                 "window": tuple(f.get("window") or ()), "stride": tuple(f.get("stride") or ()),
                 "output": tuple(f.get("output") or ()),
@@ -179,14 +243,49 @@ class PoolDx(Family):
         dims = _dims(meta["rank"])
         found = {}
         for d, k, no in zip(dims, taps, cells):
-            found.update({f"K_{d.upper()}": k, f"NO_{d.upper()}": no})
+            found[f"NO_{d.upper()}"] = no
+            if not (meta["adaptive"] and meta["routed"]):  # a routed cell's taps are not read
+                found[f"K_{d.upper()}"] = k
             if meta["kind"] == "wavg" and (meta["adaptive"] or meta["clipped"]):
                 found[f"KP_{d.upper()}"] = triton.next_power_of_2(k)
         if not meta["adaptive"]:
             found.update({f"S_{d.upper()}": s for d, s in zip(dims, meta["stride"])})
-        if meta["reads_x"]:
+        if meta["reads_x"] and not meta["routed"]:
             found["TBLOCK"] = min(triton.next_power_of_2(math.prod(taps)), MAX_TAPS)
         return found
+
+    @staticmethod
+    def _argmax_constexprs(meta: dict, taps: list[int], device: str) -> dict:
+        """The argmax kernel's constexprs for windows of `taps` per dim (a fixed
+        window, or the longest adaptive cell) on "gpu" or "cpu"."""
+        config = ARGMAX_CONFIGS[device]
+        tblock = min(triton.next_power_of_2(math.prod(taps)), config["TAPS"])
+        found = {"TBLOCK": tblock, "BLOCK": max(1, config["TILE"] // tblock)}
+        if not meta["adaptive"]:
+            for d, k, s in zip(_dims(meta["rank"]), meta["window"], meta["stride"]):
+                found.update({f"K_{d.upper()}": k, f"S_{d.upper()}": s})
+        return found
+
+    def _argmax(self, plan, x: torch.Tensor, sizes, out_sizes, pads, taps) -> torch.Tensor:
+        """Each window's argmax (routed max pooling): int32 [N, C, *out_sizes], contiguous."""
+        meta = plan.meta
+        if math.prod(sizes) >= NO_WINNER:
+            raise ConvDSLInputError(
+                f"max pooling's gradient takes input planes of fewer than 2^30 elements; "
+                f"got spatial sizes {tuple(sizes)}")
+        arg = torch.empty((x.shape[0], x.shape[1], *out_sizes), dtype=torch.int32,
+                          device=x.device)
+        if arg.numel() == 0:
+            return arg
+        device = "cpu" if x.device.type == "cpu" else "gpu"
+        constexprs = self._argmax_constexprs(meta, taps, device)
+        window = [math.prod(taps)] if meta["adaptive"] else pads  # the loop's bound, or pads
+        kernel = load_kernel(plan.source, meta["argmax"])
+        kernel[(triton.cdiv(arg.numel(), constexprs["BLOCK"]),)](
+            x, arg, arg.numel(), x.shape[1], *sizes, *out_sizes, *window, *x.stride(),
+            **constexprs, C_INNER=channels_inner(x), INDEX_64=needs_int64(x, arg),
+            num_warps=ARGMAX_CONFIGS[device]["num_warps"])
+        return arg
 
     @staticmethod
     def _block(config: dict, constexprs: dict) -> dict:
@@ -237,8 +336,12 @@ class PoolDx(Family):
                                      + list(residuals), relaunch, extra=constexprs)
         config = self._block(config, constexprs)
         grid = (triton.cdiv(dx.numel(), config["BLOCK"]),)
-        operands = [dy] + ([x] if x is not None else []) + [dx]
-        strides = [*dy.stride(), *(x.stride() if x is not None else ()), *dx.stride()]
+        if meta["routed"]:  # the windows' argmax replaces x
+            operands = [dy, self._argmax(plan, x, sizes, out_sizes, pads, taps), dx]
+            strides = [*dy.stride(), *dx.stride()]
+        else:
+            operands = [dy] + ([x] if x is not None else []) + [dx]
+            strides = [*dy.stride(), *(x.stride() if x is not None else ()), *dx.stride()]
         kernel[grid](*operands, *extra.values(), dx.numel(), shape[1], *sizes, *out_sizes, *pads,
                      *strides, **constexprs, C_INNER=c_inner, INDEX_64=needs_int64(*operands),
                      **config)
@@ -248,27 +351,23 @@ class PoolDx(Family):
         meta = plan.meta
         dims = _dims(meta["rank"])
         dy_type = graph.type_of(plan.inputs[0])
-        tensors = ["dy"] + (["x"] if meta["reads_x"] else []) + ["dx"]
+        scans = meta["reads_x"] and not meta["routed"]
+        tensors = ["dy"] + (["x"] if scans else []) + ["dx"]
         names = ["n_in", "C"] + [d.upper() for d in dims] + [f"O{d.upper()}" for d in dims]
         if not meta["adaptive"]:
             names += [f"pad_{d}" for d in dims]
         for t in tensors:
             names += [f"stride_{t}n", f"stride_{t}c"] + [f"stride_{t}{d}" for d in dims]
         signature = {f"{t}_ptr": POINTER[dy_type.dtype] for t in tensors}
-        if meta["reads_x"]:
+        if scans:
             signature["x_ptr"] = POINTER[graph.type_of(plan.inputs[1]).dtype]
+        if meta["routed"]:
+            signature = {"dy_ptr": signature["dy_ptr"], "arg_ptr": "*i32",
+                         "dx_ptr": signature["dx_ptr"]}
         # the epilogue's residual and kept pointers follow dx_ptr (epilogue_signature)
         signature.update({name: POINTER[dy_type.dtype] for name, _ in meta["epilogue"]["args"]})
         signature.update({name: "i32" for name in names})
-        if meta["adaptive"]:
-            taps, cells = [], []
-            for m, a in zip(graph.type_of(plan.outputs[0]).shape[2:], meta["output"]):
-                known = static_value(m)
-                taps.append(longest_cell(known, a) if known else _AOT_CELL)
-                cells.append(cells_per_input(known, a) if known else _AOT_CELLS_PER_INPUT)
-        else:
-            taps = list(meta["window"])
-            cells = [-(-k // s) for k, s in zip(meta["window"], meta["stride"])]
+        taps, cells = self._aot_windows(plan, graph)
         # Contiguous tensors: the innermost strides are 1, as the JIT specializes.
         constexprs = {f"stride_{t}{dims[-1]}": 1 for t in tensors}
         constexprs.update(self._constexprs(meta, taps, cells))
@@ -276,6 +375,44 @@ class PoolDx(Family):
         constexprs.update(C_INNER=False, BLOCK=config["BLOCK"], INDEX_64=False)
         signature.update({k: "constexpr" for k in constexprs})
         return signature, constexprs, {"num_warps": config["num_warps"]}
+
+    @staticmethod
+    def _aot_windows(plan, graph) -> tuple[list[int], list[int]]:
+        """Per dim, the taps of the longest window and the windows holding one
+        input, at the sizes AOT specializes for (known sizes, else a typical cell)."""
+        meta = plan.meta
+        if not meta["adaptive"]:
+            return (list(meta["window"]),
+                    [-(-k // s) for k, s in zip(meta["window"], meta["stride"])])
+        taps, cells = [], []
+        for m, a in zip(graph.type_of(plan.outputs[0]).shape[2:], meta["output"]):
+            known = static_value(m)
+            taps.append(longest_cell(known, a) if known else _AOT_CELL)
+            cells.append(cells_per_input(known, a) if known else _AOT_CELLS_PER_INPUT)
+        return taps, cells
+
+    def aot_extra(self, plan, graph) -> list[tuple[str, dict, dict, dict]]:
+        """Routed max pooling's argmax kernel; with symbolic sizes, specialized for
+        cells of more taps than one chunk (a global pool's)."""
+        meta = plan.meta
+        if not meta["routed"]:
+            return []
+        dims = _dims(meta["rank"])
+        names = ["n_win", "C"] + [d.upper() for d in dims] + [f"O{d.upper()}" for d in dims]
+        names += ["cell_taps"] if meta["adaptive"] else [f"pad_{d}" for d in dims]
+        names += ["stride_xn", "stride_xc"] + [f"stride_x{d}" for d in dims]
+        taps, _ = self._aot_windows(plan, graph)
+        known = all(static_value(m) for m in graph.type_of(plan.outputs[0]).shape[2:])
+        if meta["adaptive"] and not known:
+            taps = [ARGMAX_CONFIGS["gpu"]["TAPS"]]
+        constexprs = {f"stride_x{dims[-1]}": 1,
+                      **self._argmax_constexprs(meta, taps, "gpu"),
+                      "C_INNER": False, "INDEX_64": False}
+        signature = {"x_ptr": POINTER[graph.type_of(plan.inputs[1]).dtype], "arg_ptr": "*i32",
+                     **{name: "i32" for name in names}}
+        signature.update({k: "constexpr" for k in constexprs})
+        return [(meta["argmax"], signature, constexprs,
+                 {"num_warps": ARGMAX_CONFIGS["gpu"]["num_warps"]})]
 
     def cost(self, plan, graph, env):
         meta = plan.meta
@@ -292,13 +429,22 @@ class PoolDx(Family):
         else:
             pairs = n_out * math.prod(meta["window"])
             taps = math.prod(meta["window"])
+        itemsize = ITEMSIZE[dy_type.dtype]
+        writes = n_in * len(plan.outputs) * itemsize  # dx and any kept values
+        if meta["routed"]:
+            # The argmax kernel reads x once and writes an int32 per window; the dx
+            # kernel checks each (input, window) pair against it, reading dy, the
+            # argmax and each distinct saved value of the epilogue.
+            flops = pairs * (_ARGMAX_FLOPS + _WINDOW_FLOPS["max"])
+            flops += n_in * meta["epilogue"]["flops"]
+            reads = (n_out + n_in * (1 + len(set(plan.inputs[2:])))) * itemsize
+            return flops, reads + writes + 2 * 4 * n_out
         flops = pairs * (_WINDOW_FLOPS[meta["kind"]] + taps * _TAP_FLOPS[meta["kind"]])
         flops += n_in * meta["epilogue"]["flops"]  # the activation derivatives, per input
         # dy, and each distinct input-sized tensor (x, the epilogue's saved
-        # values) once, ideally; dx and any kept values written
-        reads = n_out + n_in * len(set(plan.inputs[1:]))
-        writes = n_in * len(plan.outputs)
-        return flops, (reads + writes) * ITEMSIZE[dy_type.dtype]
+        # values) once, ideally
+        reads = (n_out + n_in * len(set(plan.inputs[1:]))) * itemsize
+        return flops, reads + writes
 
 
 class MaxoutDx(Family):

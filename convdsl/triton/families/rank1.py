@@ -40,7 +40,7 @@ class SeparableRank1(Separable):
         plan.meta["results"] = tuple(r.index for r in plan.outputs)
         return plan
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         (node_id,) = plan.nodes
         given = params[node_id]
         role = "0.weight" if plan.meta["fused"] else "weight"
@@ -52,7 +52,7 @@ class SeparableRank1(Separable):
         params = dict(params)
         params[node_id] = {k: v for k, v in given.items() if k != role}
         params[node_id].update({f"{prefix}weight_{d}": f for d, f in enumerate(factors)})
-        return super().launch(plan, kernel, inputs, params, attrs)
+        return super().launch(plan, kernel, inputs, params, attrs, config)
 
     def _exact(self, plan, inputs, params, attrs, error):
         warnings.warn(f"a conv compiled as separable (its frozen kernel was rank-1) now has a "

@@ -6,12 +6,14 @@ A fused node [separable conv, elementwise steps...] (ops/fused.py) is the same
 kernel with the epilogue (families/epilogue.py) applied before the one store."""
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
 import triton
 
 from ...ir import ValueRef
+from .. import autotune
 from ..codegen import module_source, render, safe_name
 from .base import ITEMSIZE, Family, KernelPlan, needs_int64
 from .conv import epilogue_bytes, epilogue_meta, epilogue_outputs
@@ -56,8 +58,12 @@ def rows_for(size: int, keff: int, stride: int, rows: int) -> tuple[int, int, in
 class Separable(Family):
     name = "separable"
     # (ROWS_D, ROWS_H, BLOCK_W) per spatial rank; rank 1 keeps unit D and H.
+    # GPU: the first is the default, the others candidates for the autotuner.
     CONFIGS: ClassVar[dict] = {
-        "gpu": [{1: (1, 1, 256), 2: (1, 16, 64), 3: (8, 8, 32)}],
+        "gpu": [{1: (1, 1, 256), 2: (1, 16, 64), 3: (8, 8, 32)},
+                {1: (1, 1, 512), 2: (1, 8, 128), 3: (4, 8, 64)},
+                {1: (1, 1, 128), 2: (1, 32, 32), 3: (8, 16, 16)},
+                {1: (1, 1, 1024), 2: (1, 16, 128), 3: (16, 8, 16)}],
         "cpu": [{1: (1, 1, 1024), 2: (1, 32, 64), 3: (8, 16, 32)}],
     }
     _tables: ClassVar[dict] = {}
@@ -129,7 +135,16 @@ class Separable(Family):
                                  torch.tensor(cols, dtype=torch.int32, device=device))
         return self._tables[key]
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def candidates(self, device: str, meta, out_sizes) -> list[dict]:
+        """Tile constexprs of each config at these output sizes, repeats dropped."""
+        found: list[dict] = []
+        for config in self.CONFIGS[device]:
+            tiles = self.tiles(meta, out_sizes, config[meta["rank"]])
+            if tiles not in found:
+                found.append(tiles)
+        return found
+
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # check inputs
         meta = plan.meta
         rank = meta["rank"]
@@ -160,7 +175,15 @@ class Separable(Family):
             values["CPG"], values["OPG"] = x.shape[1] // groups, c_out // groups
         if meta["bias"] == "location":
             values["n_positions"] = od * oh * ow
-        tiles = self.tiles(meta, (od, oh, ow), self.CONFIGS[target(x)][0][rank])
+        tiles = config
+        if tiles is None:  # tuned on first use on a GPU: timing relaunches each candidate
+            # Separable.launch, not an override's: `params` already holds the factors
+            relaunch = functools.partial(Separable.launch, self, plan, kernel, inputs, params,
+                                         attrs)
+            tiles = autotune.choose(
+                plan, self.candidates(target(x), meta, (od, oh, ow)), (x, *residuals), relaunch,
+                extra={"out": c_out, "kernel": meta["kernel"], "stride": meta["stride"],
+                       "dilation": meta["dilation"]})
         # grid: one program per (n, o, tile_d, tile_h, tile_w)
         grid = (x.shape[0] * c_out * triton.cdiv(od, tiles["STEP_D"])
                 * triton.cdiv(oh, tiles["STEP_H"]) * triton.cdiv(ow, tiles["BLOCK_W"]),)

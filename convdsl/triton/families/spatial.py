@@ -13,7 +13,7 @@ import triton
 
 from ...ir.types import evaluate
 from ...ops.spatial import resolve_pads
-from .base import POINTER
+from .base import POINTER, target  # noqa: F401  (target: the families import it from here)
 
 
 def pad3(values, fill: int) -> tuple[int, ...]:
@@ -47,6 +47,25 @@ def pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def clamp_block(config: tuple, rows: int, cols: int, reduction: int) -> tuple:
+    """A GEMM tile (BLOCK_M, BLOCK_N, BLOCK_K, *rest) shrunk to the problem's
+    powers of two, but never below 16 (tl.dot's smallest operand)."""
+    bm, bn, bk, *rest = config
+    return (max(16, min(bm, pow2(rows))), max(16, min(bn, pow2(cols))),
+            max(16, min(bk, pow2(reduction))), *rest)
+
+
+def block_candidates(configs, rows: int, cols: int, reduction: int) -> list[tuple]:
+    """Each config clamped to the problem, repeats dropped, in order: the
+    first is the default, the rest what the autotuner may time on a GPU."""
+    found: list[tuple] = []
+    for config in configs:
+        block = clamp_block(config, rows, cols, reduction)
+        if block not in found:
+            found.append(block)
+    return found
+
+
 def numel(ttype, env) -> int:
     return math.prod(evaluate(d, env) for d in ttype.shape)
 
@@ -67,11 +86,6 @@ def dot_options(device: str, dtype: torch.dtype) -> dict:
 
 
 TORCH_DTYPE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-
-
-def target(t: torch.Tensor) -> str:
-    """Which tile table applies: the interpreter ("cpu") or a GPU."""
-    return "cpu" if t.device.type == "cpu" else "gpu"
 
 
 @dataclass(frozen=True)
