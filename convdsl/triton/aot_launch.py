@@ -162,14 +162,18 @@ def config_of(job: dict) -> dict:
 
 # -- a whole net -------------------------------------------------------------------------------
 
-def record_net(net, env: dict[str, int], training: bool = True) -> list[Launch]:
+def record_net(net, env: dict[str, int], training: bool = True,
+               input_grads: bool = False) -> list[Launch]:
     """The launches of one forward (and, with `training`, backward) pass of a
-    triton-backend net at sizes `env`, planned as on a GPU, every candidate."""
+    triton-backend net at sizes `env`, planned as on a GPU, every candidate;
+    with `input_grads` the backward also computes the inputs' gradients."""
     from ..bench import random_inputs
     from .families.base import as_gpu
 
     inputs = random_inputs(net._graph, env, torch.device("cpu"))
-    trainable = training and any(p.requires_grad for p in net.parameters())
+    if training and input_grads:
+        inputs = [x.requires_grad_() if x.is_floating_point() else x for x in inputs]
+    trainable = training and (input_grads or any(p.requires_grad for p in net.parameters()))
     with recording() as launches, as_gpu(every_candidate=True), \
             torch.set_grad_enabled(trainable):
         out = net(*inputs)

@@ -38,9 +38,13 @@ def test_a_recorded_training_step_takes_the_gpu_configs_and_runs_nothing():
     launches = record_net(net, {"N": 4})
     conv = [launch for launch in launches if launch.name.startswith("k_conv_2d")]
     default = [launch for launch in conv if not launch.candidate]
-    assert len(default) == 1 and len(conv) == len(CONV_TILES)  # every candidate once
-    first = CONV_TILES[0]
-    assert default[0].kwargs["BLOCK_M"] == first.BLOCK_M
+    # every candidate once, each shrunk to the layer: 576 rows, 32 outputs, 16 inputs
+    fitted = {tile.fit(4 * 12 * 12, 32, 16) for tile in CONV_TILES}
+    assert len(default) == 1 and len(conv) == len(fitted) > 1
+    first = CONV_TILES[0].fit(4 * 12 * 12, 32, 16)
+    assert (default[0].kwargs["BLOCK_M"], default[0].kwargs["BLOCK_N"],
+            default[0].kwargs["BLOCK_K"]) == (first.BLOCK_M, first.BLOCK_N, first.BLOCK_K) \
+        == (64, 32, 16)
     assert default[0].kwargs["num_warps"] == first.num_warps
     assert default[0].kwargs["DOT_FP32"] is False  # a GPU multiplies bf16 on tensor cores
     assert any(launch.name.startswith("k_conv_dw") for launch in launches)  # the backward too
@@ -63,7 +67,8 @@ def test_unit_strides_become_constants_and_sizes_carry_divisibility():
     names = list(job["signature"])
     facts = {names[path[0]] for path, _ in job["attrs"]}
     assert {"x_ptr", "w_ptr", "y_ptr", "c_out"} <= facts and "in_h" not in facts  # 12
-    assert job["constexprs"]["BLOCK_K"] == CONV_F32_TILES[0].BLOCK_K
+    assert job["constexprs"]["BLOCK_K"] == 16  # CONV_F32_TILES[0] shrunk to 16 input channels
+    assert CONV_F32_TILES[0].BLOCK_K > 16
 
 
 def test_the_default_bf16_conv_compiles_for_sm90_on_tensor_cores_without_spills(tmp_path):
@@ -73,7 +78,7 @@ def test_the_default_bf16_conv_compiles_for_sm90_on_tensor_cores_without_spills(
     (report,) = compile_launches(launches, "sm_90", tmp_path, progress=False)
     assert report.default and report.spills == 0 and report.registers <= 255
     assert report.features["wgmma"] > 0
-    assert report.config["BLOCK_M"] == CONV_TILES[0].BLOCK_M
+    assert report.config["BLOCK_M"] == CONV_TILES[0].BLOCK_M and report.config["BLOCK_K"] == 16
     assert any(tmp_path.glob("*.ptx"))
 
 
@@ -97,5 +102,6 @@ def test_cli_as_launched_reports_every_candidate(tmp_path):
     assert done.returncode == 0, done.stderr
     doc = json.loads((out / "report.json").read_text())
     conv = [k for k in doc["kernels"] if k["name"].startswith("k_conv_2d")]
-    assert len(conv) == len(CONV_TILES) and sum(k["default"] for k in conv) == 1
+    assert len(conv) == len({t.fit(8 * 12 * 12, 32, 16) for t in CONV_TILES})
+    assert sum(k["default"] for k in conv) == 1
     assert all(k["spills"] == 0 for k in conv)

@@ -193,3 +193,31 @@ def test_outside_as_gpu_a_host_tensor_takes_the_cpu_configs():
     with as_gpu():
         assert target(x) == "gpu"
     assert target(x) == "cpu"
+
+
+def test_the_weight_cache_hits_for_a_fresh_detach_and_misses_after_a_step():
+    """GPU launches re-lay weights out once per parameter version; every launch
+    passes a fresh `.detach()` of the parameter."""
+    from convdsl.triton.families.conv import WeightCache
+
+    cache, made = WeightCache(), []
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+
+    def make(w):
+        made.append(w)
+        return w.t().contiguous()
+
+    first = cache.get(weight.detach(), torch.float32, make)
+    assert cache.get(weight.detach(), torch.float32, make) is first and len(made) == 1
+    with torch.no_grad():
+        weight.add_(1.0)  # what an optimizer step does: bumps the version
+    again = cache.get(weight.detach(), torch.float32, make)
+    assert len(made) == 2 and torch.equal(again, weight.detach().t())
+
+
+def test_tiles_shrink_to_a_small_group():
+    from convdsl.triton.families.conv import CONV_TILES, Tile
+
+    assert CONV_TILES[0].fit(10_000, 4, 4) == Tile(64, 16, 16, num_warps=4, num_stages=3)
+    assert CONV_TILES[0].fit(10, 1000, 1000).BLOCK_M == 16
+    assert CONV_TILES[0].fit(10_000, 1000, 1000) == CONV_TILES[0]

@@ -23,6 +23,7 @@ stored, plus, in the training variant, the intermediates the backward pass reads
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -72,6 +73,15 @@ class Tile:
     def launch_options(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
+    def fit(self, rows: int, cols: int, reduction: int) -> Tile:
+        """This tile shrunk to a GEMM of rows x cols over `reduction` (powers of
+        two, never below 16: tl.dot's smallest operand). A grouped conv with 4
+        channels a group then reads 16-wide tiles, not 64-wide ones 94% masked."""
+        return dataclasses.replace(
+            self, BLOCK_M=max(16, min(self.BLOCK_M, triton.next_power_of_2(max(rows, 1)))),
+            BLOCK_N=max(16, min(self.BLOCK_N, triton.next_power_of_2(max(cols, 1)))),
+            BLOCK_K=max(16, min(self.BLOCK_K, triton.next_power_of_2(max(reduction, 1)))))
+
 
 # GPU tiles: the first that fits shared memory is the default; the others are
 # candidates for the autotuner. Chosen from compiles of a ResNet 3x3 layer
@@ -102,6 +112,19 @@ NARROW_TILES = (Tile(32, 64, 32, num_warps=4, num_stages=3),
 # The interpreter runs one program at a time in numpy: fewer, larger programs
 # are faster, and tl.dot needs every dim >= 16.
 CONV_CPU_TILE = Tile(64, 32, 32, num_warps=1, num_stages=1)
+
+
+def fit_tiles(tiles, problem: tuple[int, int, int] | None) -> list[Tile]:
+    """Each tile shrunk to a GEMM (rows, cols, reduction) (Tile.fit), repeats
+    dropped, order kept; unchanged when the problem is not known (None)."""
+    if problem is None:
+        return list(tiles)
+    fitted: list[Tile] = []
+    for tile in tiles:
+        tile = tile.fit(*problem)
+        if tile not in fitted:
+            fitted.append(tile)
+    return fitted
 
 
 def pick_tile(tiles, a_itemsize: int, b_itemsize: int) -> Tile:
@@ -302,12 +325,15 @@ class Conv(Family):
             return self.narrow_tiles
         return self.f32_tiles if x_itemsize == 4 else self.tiles
 
-    def candidates(self, device: str, attrs, x_itemsize: int, w_itemsize: int) -> list[Tile]:
-        """The default tile, then the others the autotuner may time on a GPU."""
+    def candidates(self, device: str, attrs, x_itemsize: int, w_itemsize: int,
+                   problem: tuple[int, int, int] | None = None) -> list[Tile]:
+        """The default tile, then the others the autotuner may time on a GPU;
+        with `problem` (rows, output channels, input channels of a group) each
+        shrunk to it (Tile.fit), repeats dropped."""
         first = self.tile(device, attrs, x_itemsize, w_itemsize)
-        if device == "cpu":
-            return [first]
-        return tile_candidates(first, self._tiles(attrs, x_itemsize), x_itemsize, w_itemsize)
+        tiles = [first] if device == "cpu" else tile_candidates(
+            first, self._tiles(attrs, x_itemsize), x_itemsize, w_itemsize)
+        return tiles if device == "cpu" else fit_tiles(tiles, problem)
 
     def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # Check inputs: x, then the epilogue's residual operands (if any).
@@ -338,7 +364,8 @@ class Conv(Family):
             relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
             layer = {k: a[k] for k in ("out", "kernel", "stride", "dilation", "groups", "flip")}
             tile = autotune.choose(
-                plan, self.candidates(device, a, x.element_size(), weight.element_size()),
+                plan, self.candidates(device, a, x.element_size(), weight.element_size(),
+                                      self._problem(a, batch, out_sizes, channels)),
                 (x, *residuals), relaunch,
                 extra={**layer, "pads": pads, "table": a["table"] is not None})
 
@@ -362,6 +389,15 @@ class Conv(Family):
             INPUT_PRECISION=input_precision(x.dtype, torch.backends.cudnn.allow_tf32),
             DOT_FP32=dot_in_fp32(x), INDEX_64=needs_int64(x, weight, y), **options)
         return [y, *kept]
+
+    @staticmethod
+    def _problem(attrs, batch: int, out_sizes, channels: int) -> tuple[int, int, int] | None:
+        """(rows, output channels, input channels) of one group's GEMM; None for a
+        table (a column block reads the union of its rows' inputs, not c_in)."""
+        if attrs["table"] is not None:
+            return None
+        groups = attrs["groups"]
+        return batch * math.prod(out_sizes), attrs["out"] // groups, channels // groups
 
     def _table_blocks(self, table, c_in, block_n, device):
         key = (table, c_in, block_n, str(device))

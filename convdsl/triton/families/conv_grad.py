@@ -49,6 +49,7 @@ from .conv import (
     epilogue_bytes,
     epilogue_meta,
     epilogue_outputs,
+    fit_tiles,
     input_precision,
     pick_tile,
     table_blocks,
@@ -337,6 +338,10 @@ class ConvDx(Family):
             relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
             tiles = self.candidates(direct, device, dy.element_size(), w_itemsize,
                                     g.table is not None, g.rank)
+            if not direct and g.table is None and device == "gpu":
+                # each shrunk to one group's GEMM: input positions x c_in over c_out
+                positions = batch * math.prod(triton.cdiv(m, s) for m, s in zip(sizes, g.stride))
+                tiles = fit_tiles(tiles, (positions, c_in, c_out))
             tile = autotune.choose(plan, tiles, (dy, *residuals), relaunch, extra=g)
         if g.table is not None:
             blocks = self._table_blocks(g.table, channels, tile.BLOCK_N, dy.device)
@@ -444,7 +449,16 @@ class ConvDw(Family):
     # Split-K: programs to aim for, and the fewest reduction steps per split.
     SPLIT = {"gpu": {"programs": GPU_PROGRAMS, "min_steps": 8},
              "cpu": {"programs": 1, "min_steps": 1}}
-    FACTOR_BLOCK = {"gpu": 64, "cpu": 256}  # rows per program of the factors kernel
+    FACTOR_BLOCK = {"gpu": 64, "cpu": 256}  # rows per program of the factors kernel, at most
+    # A factors program holds a [BLOCK_R, TAPS_P2] fp32 tile: on a GPU at most
+    # 4096 values (11x11 kernels at 64 rows spilled 144 bytes as launched).
+    FACTOR_TILE = 4096
+
+    def factor_block(self, device: str, g: Geometry) -> int:
+        block = self.FACTOR_BLOCK[device]
+        if device == "gpu":
+            block = min(block, max(16, self.FACTOR_TILE // triton.next_power_of_2(g.taps)))
+        return block
 
     def __init__(self):
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -575,7 +589,7 @@ class ConvDw(Family):
         factors = [params[f"weight_{d}"].detach().float().contiguous() for d in range(g.rank)]
         rows = factors[0].shape[0] * factors[0].shape[1]
         grads = [torch.empty(f.shape, device=part.device, dtype=torch.float32) for f in factors]
-        block = self.FACTOR_BLOCK[target(part)]
+        block = self.factor_block(target(part), g)
         kernel = load_kernel(plan.source, plan.meta["factors"])
         kernel[(triton.cdiv(rows, block),)](
             part, *factors, *grads, rows, splits,
@@ -628,7 +642,7 @@ class ConvDw(Family):
         if "sum" in plan.meta:
             return [(plan.meta["sum"], *_sum_aot())]
         g = _geometry(graph.node(plan.nodes[0]))
-        constexprs = self.factor_constexprs(g, self.FACTOR_BLOCK["gpu"], False)
+        constexprs = self.factor_constexprs(g, self.factor_block("gpu", g), False)
         sig = {"part_ptr": "*fp32", **{f"f{d}_ptr": "*fp32" for d in range(g.rank)},
                **{f"g{d}_ptr": "*fp32" for d in range(g.rank)}, "rows": "i32", "splits": "i32"}
         sig.update({k: "constexpr" for k in constexprs})
