@@ -228,3 +228,21 @@ def test_trials_and_choices_are_logged(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 4 and all(line.startswith("[convdsl:autotune] ") for line in lines)
     assert "1.0000 ms" in lines[1] and lines[3].endswith("(tuned)")
+
+
+def test_a_tuned_launch_takes_the_fast_path(tuner, monkeypatch):
+    """After the first choice, a launch of the same plan at the same sizes builds no
+    key (no JSON, no hash of the source); new sizes or another plan object do."""
+    x = FakeCudaTensor(torch.zeros(8, 16, 32, 32))
+    keys = []
+    real = autotune.operand_sizes
+    monkeypatch.setattr(autotune, "operand_sizes", lambda *a: keys.append(a) or real(*a))
+    timer = tuner.timer
+    for _ in range(3):
+        assert autotune.choose(PLAN, CANDIDATES, (x,), timer.run) is CANDIDATES[1]
+    assert len(keys) == 1 and timer.calls == 3
+    autotune.choose(PLAN, CANDIDATES, (FakeCudaTensor(torch.zeros(4, 16, 32, 32)),), timer.run)
+    assert len(keys) == 2
+    twin = SimpleNamespace(name=PLAN.name, source=PLAN.source)  # same kernel: stored choice
+    assert autotune.choose(twin, CANDIDATES, (x,), no_timing) is CANDIDATES[1]
+    assert len(keys) == 3

@@ -128,6 +128,9 @@ class Autotuner:
         self.directory = directory  # None: cache_dir() at each use (the env may change)
         self.timer = timer or do_bench_median
         self._chosen: dict[tuple[str, str], int] = {}  # (device, key text) -> candidate index
+        # choose()'s fast path: (id(plan), device, operands) -> (plan, candidate index);
+        # holding the plan keeps its id unique.
+        self.fast: dict[tuple, tuple] = {}
         self._lock = threading.RLock()
 
     # -- the cache file --------------------------------------------------------------------
@@ -212,6 +215,7 @@ class Autotuner:
         """Drop the in-memory choices (the files stay)."""
         with self._lock:
             self._chosen.clear()
+            self.fast.clear()
 
 
 def _find(entry, candidates: Sequence) -> int | None:
@@ -257,8 +261,32 @@ def choose(plan, candidates: Sequence[Config] | dict, tensors: Sequence[torch.Te
         return candidates[0]
     if len(candidates) == 1 or not enabled():
         return candidates[0]
-    from .loader import source_hash
-
-    key = TuneKey(f"{plan.name}-{source_hash(plan.source)}", device_name(device),
+    # Every launch asks: a plain-tuple lookup first, so a tuned kernel's launch
+    # costs microseconds here, not a JSON key and a hash of its source. For one
+    # plan object, `extra` follows from the operands' sizes, so they key it.
+    fast = (id(plan), device.index, len(candidates),
+            *((t.shape, t.stride(), t.dtype) for t in tensors))
+    tuner = TUNER
+    entry = tuner.fast.get(fast)
+    if entry is not None and entry[0] is plan:
+        return candidates[entry[1]]
+    key = TuneKey(f"{plan.name}-{_hash_of(plan.source)}", device_name(device),
                   operand_sizes(tensors, extra))
-    return TUNER.choose(key, candidates, run)
+    chosen = tuner.choose(key, candidates, run)
+    if len(tuner.fast) > 65536:
+        tuner.fast.clear()
+    tuner.fast[fast] = (plan, next(i for i, c in enumerate(candidates) if c is chosen))
+    return chosen
+_HASHES: dict[int, tuple[str, str]] = {}  # id(source) -> (source, its hash)
+
+
+def _hash_of(source: str) -> str:
+    """loader.source_hash, remembered per source string (the same object every launch)."""
+    found = _HASHES.get(id(source))
+    if found is None or found[0] is not source:
+        from .loader import source_hash
+
+        if len(_HASHES) > 4096:
+            _HASHES.clear()
+        found = _HASHES[id(source)] = (source, source_hash(source))
+    return found[1]
