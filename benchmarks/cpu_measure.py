@@ -6,12 +6,17 @@
   (target: < 0.5 s a net);
 - the cost model: FLOPs and global-memory bytes of the forward kernels and of
   a training step (training forward + backward kernels) at the GPU sizes of
-  suite.EXAMPLE_SIZES, with the kernel counts.
+  suite.EXAMPLE_SIZES, with the kernel counts;
+- host time per forward: the Python work of one inference forward at those
+  sizes with every launch planned as on a GPU (`as_gpu`) and recorded instead
+  of run (aot_launch.recording): what each launch costs the host before
+  Triton's own launcher — small nets on a GPU are bound by it.
 
     python benchmarks/cpu_measure.py [--only lenet5] [--repeat 3]
 
 Writes benchmarks/results/cpu_measurements.json and SUMMARY.md (which also
-quotes aot_sm_90.json, from aot_report.py, when present)."""
+quotes aot_sm_90.json from aot_report.py and aot_launched_sm_90.json from
+aot_launched.py, when present)."""
 from __future__ import annotations
 
 import argparse
@@ -82,7 +87,32 @@ def cost(path: Path, name: str) -> dict:
             "reference_ops": sorted({op for p in programs for op in p.reference_ops()})}
 
 
-def summary_markdown(doc: dict, aot: dict | None) -> str:
+def host_time(path: Path, name: str, repeat: int) -> dict:
+    """CPU microseconds of one inference forward's host work, launches recorded
+    (best of `repeat` batches of 20), and the launches per forward."""
+    import torch
+
+    from convdsl.bench import random_inputs
+    from convdsl.triton.aot_launch import recording
+    from convdsl.triton.families.base import as_gpu
+
+    net = compile_quiet(path, net=name, backend="triton")
+    sizes = example_sizes(path.name, net._graph.symbols, smoke=False)
+    inputs = random_inputs(net._graph, sizes, torch.device("cpu"))
+    best = float("inf")
+    with recording() as launches, as_gpu(), torch.no_grad():
+        net(*inputs)  # plans, checks and caches once
+        per_forward = len(launches)
+        for _ in range(repeat):
+            started = time.process_time()
+            for _ in range(20):
+                net(*inputs)
+            best = min(best, (time.process_time() - started) / 20)
+    return {"us_per_forward": round(best * 1e6, 1), "launches": per_forward,
+            "us_per_launch": round(best * 1e6 / max(per_forward, 1), 1)}
+
+
+def summary_markdown(doc: dict, aot: dict | None, launched: dict | None = None) -> str:
     env = doc["environment"]
     rows = doc["nets"]
     slowest = max(rows, key=lambda r: r["compile"]["wall_s_min"])
@@ -131,6 +161,33 @@ def summary_markdown(doc: dict, aot: dict | None) -> str:
     lines += ["", "Cost-model sizes per file: benchmarks/suite.py EXAMPLE_SIZES (N = batch).",
               ("A training step is the training forward (which also stores what the backward "
               "reads) plus the backward kernels of the parameters' gradients.")]
+    hosts = [r for r in rows if "host" in r]
+    if hosts:
+        per_launch = [r["host"]["us_per_launch"] for r in hosts]
+        lines += ["", "## Host time per forward", "",
+                  ("One inference forward at the GPU sizes, every launch planned as on a GPU "
+                   "and recorded instead of run: the Python work per launch before Triton's "
+                   "own launcher (CPU time, best of batches). Per launch: median "
+                   f"{statistics.median(per_launch):.0f} µs, max {max(per_launch):.0f} µs "
+                   f"over {len(hosts)} nets; e.g. "
+                   + ", ".join(f"{r['name']} {r['host']['us_per_forward']:.0f} µs for "
+                               f"{r['host']['launches']} launches" for r in hosts[:3]) + ".")]
+    if launched:
+        s = launched["summary"]
+        engines = s["default_engines"]
+        lines += ["", f"## Layer cases compiled as launched for {launched['target']}", "",
+                  (f"Measured {launched['environment']['date']} (commit "
+                   f"{launched['environment']['commit']}), {launched['dtype']}, training step "
+                   f"with input gradients at the GPU sizes, every autotuning candidate: "
+                   f"{s['compiled']} of {s['configs']} configs compiled; default configs "
+                   f"spilling: {len(s['default_spilling'])}; candidates spilling: "
+                   f"{len(s['candidates_spilling'])}; default configs on wgmma / mma.sync / "
+                   f"no tensor cores: {engines['wgmma']} / {engines['mma.sync']} / "
+                   f"{engines['none']}; at most {s['max_registers']} registers. Per config: "
+                   f"aot_launched_{launched['target']}.json.")]
+        for k in s["default_spilling"]:
+            lines.append(f"- default spills: {k['case']} {k['name']} {k['config']}: "
+                         f"{k['spills']} bytes")
     if aot:
         s = aot["summary"]
         lines += ["", f"## Ahead-of-time compile for {aot['target']}", "",
@@ -159,7 +216,7 @@ def main(argv=None) -> int:
     rows = []
     for path, name in nets:
         row = {"name": f"{path.name}:{name}", "compile": compile_time(path, name, args.repeat),
-               "cost": cost(path, name)}
+               "cost": cost(path, name), "host": host_time(path, name, args.repeat)}
         rows.append(row)
         print(f"{row['name']:45} {row['compile']['wall_s_min']:7.3f} s  "
               f"fwd {row['cost']['forward']['flops'] / 1e9:9.3f} GFLOP "
@@ -171,7 +228,9 @@ def main(argv=None) -> int:
     write_json(args.out, doc)
     aot_path = args.out.parent / "aot_sm_90.json"
     aot = json.loads(aot_path.read_text()) if aot_path.exists() else None
-    args.summary.write_text(summary_markdown(doc, aot))
+    launched_path = args.out.parent / "aot_launched_sm_90.json"
+    launched = json.loads(launched_path.read_text()) if launched_path.exists() else None
+    args.summary.write_text(summary_markdown(doc, aot, launched))
     print(f"-> {args.out}, {args.summary}")
     return 0
 

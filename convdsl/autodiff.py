@@ -184,11 +184,11 @@ def derive_backward(forward: Graph, inputs_with_grad=()) -> BackwardGraph:
                 state.grads.setdefault(ref, []).append(grad)
 
     names = []
-    for name, decl in forward.params.items():
+    owners = _owners(forward)
+    for name in forward.params:
         refs = state.param_grads.get(name)
         if refs:
-            owner = _owner(forward, name)
-            backward.outputs.append(_accumulate(state, refs, owner))
+            backward.outputs.append(_accumulate(state, refs, owners[name]))
             names.append(name)
     for node_id in forward.inputs:
         node = forward.node(node_id)
@@ -204,16 +204,19 @@ def evaluate_backward(net, inputs: tuple, grad_outputs: tuple, inputs_with_grad=
     """Gradients from the derived backward graph, run with the torch lowerings:
     {"c1.weight": tensor, ..., "input:x": tensor}. A check of the VJP rules
     against PyTorch's own autograd, and a reference for backward kernels."""
+    import torch
+
     from .checks import bind_inputs, check_layers
     from .execute import run_graph
     from .module import _lookup
 
-    import torch
-
     forward = net._graph
     bwd = net.backward(tuple(inputs_with_grad))
     env = bind_inputs(forward, tuple(inputs), None, allow_float64=True)
-    lookup = lambda name: _lookup(net, name).detach()  # noqa: E731
+
+    def lookup(name):
+        return _lookup(net, name).detach()
+
     with torch.no_grad():
         values = run_graph(forward, dict(zip(forward.inputs, inputs)), check_layers(forward, env),
                            lookup)
@@ -223,12 +226,16 @@ def evaluate_backward(net, inputs: tuple, grad_outputs: tuple, inputs_with_grad=
     return {name: found[ref] for name, ref in zip(bwd.grads, bwd.graph.outputs)}
 
 
-def _owner(forward: Graph, param: str) -> Node:
+def _owners(forward: Graph) -> dict[str, Node]:
+    """Each parameter's first user in program order, the node its accumulated
+    gradient is attributed to. One walk for all parameters: a walk per
+    parameter made deriving a long net quadratic."""
+    owners: dict[str, Node] = {}
     for node in forward.nodes():
-        if param in node.params.values():
-            return node
-    raise AssertionError(f"no node uses {param}")
+        for param in node.params.values():
+            owners.setdefault(param, node)
+    return owners
 
 
-__all__ = ["BackwardGraph", "VJPContext", "derive_backward", "requires_grad", "Span",
-           "TensorType"]
+__all__ = ["BackwardGraph", "Span", "TensorType", "VJPContext", "derive_backward",
+           "requires_grad"]

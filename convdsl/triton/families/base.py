@@ -110,6 +110,18 @@ def trying_candidate() -> bool:
     return bool(mode and mode.get("candidate"))
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for a launch's grid. triton.cdiv and triton.next_power_of_2
+    are constexpr functions in recent Triton, microseconds a call through their
+    wrapper; a launch calls these several times."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def needs_int64(*tensors: torch.Tensor) -> bool:
     """Index arithmetic in int64 once any tensor holds 2^31 elements or more."""
     return any(t.numel() > INT32_LIMIT for t in tensors)

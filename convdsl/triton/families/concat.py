@@ -7,12 +7,18 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from ...ir import ValueRef
 from .. import autotune
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
+from .base import (
+    ITEMSIZE,
+    POINTER,
+    Family,
+    KernelPlan,
+    cdiv,
+    needs_int64,
+)
 from .pool import numel
 
 # Block configs, best first (the GPU tunes among its list on first use,
@@ -77,7 +83,7 @@ class Concat(Family):
             dims = merge_dims(x.shape, x.stride(), part.stride()) or [(1, 0, 0)]
             dims = [(1, 0, 0)] * (rank - len(dims)) + dims
             sizes, x_strides, out_strides = zip(*dims)
-            grid = (triton.cdiv(x.numel(), config["BLOCK"]),)
+            grid = (cdiv(x.numel(), config["BLOCK"]),)
             kernel[grid](x, part, x.numel(), *sizes, *x_strides, *out_strides,
                          INDEX_64=index_64, **config)
         return [out]

@@ -30,14 +30,21 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import triton
 
 from ...ir import ValueRef
 from ...ir.types import evaluate
 from ...ops.spatial import effective_kernel, resolve_pads
 from .. import autotune
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64, target
+from .base import (
+    ITEMSIZE,
+    POINTER,
+    Family,
+    KernelPlan,
+    cdiv,
+    needs_int64,
+    target,
+)
 from .epilogue import (
     Epilogue,
     anchor_step,
@@ -78,9 +85,14 @@ class Tile:
         two, never below 16: tl.dot's smallest operand). A grouped conv with 4
         channels a group then reads 16-wide tiles, not 64-wide ones 94% masked."""
         return dataclasses.replace(
-            self, BLOCK_M=max(16, min(self.BLOCK_M, triton.next_power_of_2(max(rows, 1)))),
-            BLOCK_N=max(16, min(self.BLOCK_N, triton.next_power_of_2(max(cols, 1)))),
-            BLOCK_K=max(16, min(self.BLOCK_K, triton.next_power_of_2(max(reduction, 1)))))
+            self, BLOCK_M=max(16, min(self.BLOCK_M, _next_power_of_2(rows))),
+            BLOCK_N=max(16, min(self.BLOCK_N, _next_power_of_2(cols))),
+            BLOCK_K=max(16, min(self.BLOCK_K, _next_power_of_2(reduction))))
+
+
+def _next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2 without its constexpr wrapper (a launch calls this)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 # GPU tiles: the first that fits shared memory is the default; the others are
@@ -114,17 +126,19 @@ NARROW_TILES = (Tile(32, 64, 32, num_warps=4, num_stages=3),
 CONV_CPU_TILE = Tile(64, 32, 32, num_warps=1, num_stages=1)
 
 
-def fit_tiles(tiles, problem: tuple[int, int, int] | None) -> list[Tile]:
+@functools.lru_cache(maxsize=4096)
+def fit_tiles(tiles: tuple[Tile, ...], problem: tuple[int, int, int] | None) -> tuple[Tile, ...]:
     """Each tile shrunk to a GEMM (rows, cols, reduction) (Tile.fit), repeats
-    dropped, order kept; unchanged when the problem is not known (None)."""
+    dropped, order kept; unchanged when the problem is not known (None).
+    Cached: every launch asks."""
     if problem is None:
-        return list(tiles)
+        return tuple(tiles)
     fitted: list[Tile] = []
     for tile in tiles:
         tile = tile.fit(*problem)
         if tile not in fitted:
             fitted.append(tile)
-    return fitted
+    return tuple(fitted)
 
 
 def pick_tile(tiles, a_itemsize: int, b_itemsize: int) -> Tile:
@@ -134,11 +148,13 @@ def pick_tile(tiles, a_itemsize: int, b_itemsize: int) -> Tile:
     return tiles[-1]
 
 
-def tile_candidates(first: Tile, tiles, a_itemsize: int, b_itemsize: int) -> list[Tile]:
+@functools.lru_cache(maxsize=1024)
+def tile_candidates(first: Tile, tiles: tuple[Tile, ...], a_itemsize: int,
+                    b_itemsize: int) -> tuple[Tile, ...]:
     """What the autotuner times: `first` (the default a family picks), then
-    the other tiles that fit shared memory."""
-    return [first] + [t for t in tiles if t != first
-                      and t.shared_bytes(a_itemsize, b_itemsize) <= SHARED_LIMIT]
+    the other tiles that fit shared memory. Cached: every launch asks."""
+    return (first, *(t for t in tiles if t != first
+                     and t.shared_bytes(a_itemsize, b_itemsize) <= SHARED_LIMIT))
 
 
 def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -331,9 +347,11 @@ class Conv(Family):
         with `problem` (rows, output channels, input channels of a group) each
         shrunk to it (Tile.fit), repeats dropped."""
         first = self.tile(device, attrs, x_itemsize, w_itemsize)
-        tiles = [first] if device == "cpu" else tile_candidates(
-            first, self._tiles(attrs, x_itemsize), x_itemsize, w_itemsize)
-        return tiles if device == "cpu" else fit_tiles(tiles, problem)
+        if device == "cpu":
+            return [first]
+        tiles = tile_candidates(first, tuple(self._tiles(attrs, x_itemsize)), x_itemsize,
+                                w_itemsize)
+        return list(fit_tiles(tiles, problem))
 
     def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # Check inputs: x, then the epilogue's residual operands (if any).
@@ -372,7 +390,7 @@ class Conv(Family):
         # Grid: output-position blocks × output-channel blocks × groups.
         c_in, c_out = channels // groups, c_out_total // groups
         m_total = batch * math.prod(out_sizes)
-        grid = (triton.cdiv(m_total, tile.BLOCK_M), triton.cdiv(c_out, tile.BLOCK_N), groups)
+        grid = (cdiv(m_total, tile.BLOCK_M), cdiv(c_out, tile.BLOCK_N), groups)
 
         # Launch.
         pointers, extra_strides = conv_operands(x, weight, p, a, channels, tile.BLOCK_N,

@@ -32,14 +32,21 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from ...ir import ValueRef
 from ...ops.spatial import resolve_pads
 from .. import autotune
 from ..codegen import module_source, render, safe_name
 from ..loader import load_kernel
-from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
+from .base import (
+    ITEMSIZE,
+    POINTER,
+    Family,
+    KernelPlan,
+    cdiv,
+    needs_int64,
+    next_power_of_2,
+)
 from .conv import (
     DIMS,
     TORCH_DTYPE,
@@ -137,11 +144,11 @@ def _transpose(table, channels: int) -> tuple[tuple[int, ...], ...]:
 def _splits(row_programs: int, k_total: int, block_k: int, config: dict) -> tuple[int, int]:
     """(splits, k_per_split): enough programs to fill the machine, each with at
     least `min_steps` reduction steps; k_per_split is a multiple of block_k."""
-    steps = triton.cdiv(k_total, block_k)
+    steps = cdiv(k_total, block_k)
     want = max(1, config["programs"] // max(row_programs, 1))
     splits = max(1, min(want, steps // config["min_steps"]))
-    per_split = triton.cdiv(steps, splits) * block_k
-    return triton.cdiv(k_total, per_split), per_split
+    per_split = cdiv(steps, splits) * block_k
+    return cdiv(k_total, per_split), per_split
 
 
 class _Args:
@@ -184,7 +191,7 @@ def _run_sum(plan, part: torch.Tensor, out: torch.Tensor, splits: int) -> None:
     kernel = load_kernel(plan.source, plan.meta["sum"])
     n = out.numel()
     block = SUM_BLOCK[target(out)]
-    kernel[(triton.cdiv(n, block),)](part, out, n, splits, BLOCK=block,
+    kernel[(cdiv(n, block),)](part, out, n, splits, BLOCK=block,
                                      INDEX_64=needs_int64(part))
 
 
@@ -290,7 +297,7 @@ class ConvDx(Family):
         first = self.tile(direct, device, itemsize, w_itemsize, table, rank)
         if direct or device == "cpu" or table or rank == 3:
             return [first]
-        return tile_candidates(first, self.tiles, itemsize, w_itemsize)
+        return list(tile_candidates(first, tuple(self.tiles), itemsize, w_itemsize))
 
     def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # Check inputs: dy, then the epilogue's residuals (saved forward values).
@@ -340,14 +347,14 @@ class ConvDx(Family):
                                     g.table is not None, g.rank)
             if not direct and g.table is None and device == "gpu":
                 # each shrunk to one group's GEMM: input positions x c_in over c_out
-                positions = batch * math.prod(triton.cdiv(m, s) for m, s in zip(sizes, g.stride))
-                tiles = fit_tiles(tiles, (positions, c_in, c_out))
+                positions = batch * math.prod(cdiv(m, s) for m, s in zip(sizes, g.stride))
+                tiles = list(fit_tiles(tuple(tiles), (positions, c_in, c_out)))
             tile = autotune.choose(plan, tiles, (dy, *residuals), relaunch, extra=g)
         if g.table is not None:
             blocks = self._table_blocks(g.table, channels, tile.BLOCK_N, dy.device)
             values.update(zip(("block_start_ptr", "block_chan_ptr", "member_ptr"), blocks))
             values["stride_mc"], values["stride_mo"] = blocks[2].stride()
-        rows = [triton.cdiv(m, s) for m, s in zip(sizes, g.stride)]
+        rows = [cdiv(m, s) for m, s in zip(sizes, g.stride)]
         values.update(zip((f"in_{d}" for d in dims), sizes))
         values.update(zip((f"out_{d}" for d in dims), dy.shape[2:]))
         values.update(zip((f"rows_{d}" for d in dims), rows))
@@ -359,9 +366,9 @@ class ConvDx(Family):
         classes = math.prod(g.stride)
         m_total = batch * math.prod(rows)
         if direct:
-            grid = (triton.cdiv(m_total, tile.BLOCK_M), triton.cdiv(groups, tile.BLOCK_N), classes)
+            grid = (cdiv(m_total, tile.BLOCK_M), cdiv(groups, tile.BLOCK_N), classes)
         else:
-            grid = (triton.cdiv(m_total, tile.BLOCK_M), triton.cdiv(c_in, tile.BLOCK_N),
+            grid = (cdiv(m_total, tile.BLOCK_M), cdiv(c_in, tile.BLOCK_N),
                     groups * classes)
 
         # Launch.
@@ -457,7 +464,7 @@ class ConvDw(Family):
     def factor_block(self, device: str, g: Geometry) -> int:
         block = self.FACTOR_BLOCK[device]
         if device == "gpu":
-            block = min(block, max(16, self.FACTOR_TILE // triton.next_power_of_2(g.taps)))
+            block = min(block, max(16, self.FACTOR_TILE // next_power_of_2(g.taps)))
         return block
 
     def __init__(self):
@@ -523,7 +530,7 @@ class ConvDw(Family):
         first = self.tile(direct, device, itemsize, rank)
         if direct or device == "cpu" or rank == 3:
             return [first]
-        return tile_candidates(first, self.tiles, itemsize, itemsize)
+        return list(tile_candidates(first, tuple(self.tiles), itemsize, itemsize))
 
     def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # Check inputs.
@@ -546,9 +553,9 @@ class ConvDw(Family):
         # Grid and split: tiles of dW × splits of K (× groups).
         k_total = batch * math.prod(dy.shape[2:])
         if direct:
-            tiles, grid_z = triton.cdiv(g.out * g.taps, tile.BLOCK_M), 1
+            tiles, grid_z = cdiv(g.out * g.taps, tile.BLOCK_M), 1
         else:
-            tiles = triton.cdiv(c_out, tile.BLOCK_M) * triton.cdiv(c_in * g.taps, tile.BLOCK_N)
+            tiles = cdiv(c_out, tile.BLOCK_M) * cdiv(c_in * g.taps, tile.BLOCK_N)
             grid_z = groups
         splits, k_per_split = _splits(tiles * grid_z, k_total, tile.BLOCK_K, self.SPLIT[device])
 
@@ -591,7 +598,7 @@ class ConvDw(Family):
         grads = [torch.empty(f.shape, device=part.device, dtype=torch.float32) for f in factors]
         block = self.factor_block(target(part), g)
         kernel = load_kernel(plan.source, plan.meta["factors"])
-        kernel[(triton.cdiv(rows, block),)](
+        kernel[(cdiv(rows, block),)](
             part, *factors, *grads, rows, splits,
             **self.factor_constexprs(g, block, needs_int64(part)))
         by_role = {f"weight_{d}": grad for d, grad in enumerate(grads)}
@@ -600,7 +607,7 @@ class ConvDw(Family):
     @staticmethod
     def factor_constexprs(g: Geometry, block: int, index_64: bool) -> dict:
         return {**{f"K{d}": k for d, k in enumerate(g.kernel)},
-                "TAPS_P2": triton.next_power_of_2(g.taps), "BLOCK_R": block,
+                "TAPS_P2": next_power_of_2(g.taps), "BLOCK_R": block,
                 "INDEX_64": index_64}
 
     @staticmethod
@@ -619,10 +626,10 @@ class ConvDw(Family):
             member = torch.zeros(len(table), channels, dtype=torch.int8)
             for o, row in enumerate(table):
                 member[o, list(row)] = 1
-            tiles_n = triton.cdiv(channels * taps, tile.BLOCK_N)
+            tiles_n = cdiv(channels * taps, tile.BLOCK_N)
             cols = member.repeat_interleave(taps, dim=1)  # [out, in * taps]
             cols = torch.nn.functional.pad(cols, (0, tiles_n * tile.BLOCK_N - cols.shape[1]))
-            rows = triton.cdiv(len(table), tile.BLOCK_M) * tile.BLOCK_M
+            rows = cdiv(len(table), tile.BLOCK_M) * tile.BLOCK_M
             cols = torch.nn.functional.pad(cols, (0, 0, 0, rows - len(table)))
             active = cols.reshape(rows // tile.BLOCK_M, tile.BLOCK_M, tiles_n, tile.BLOCK_N)
             active = active.amax(dim=(1, 3)).reshape(-1).to(torch.int32)
@@ -724,7 +731,7 @@ class BiasGrad(Family):
         else:
             tiles = tuple(int(t) for t in a["tiles"])
             td, th, tw = pad3(tiles, 1)
-            rows = (triton.cdiv(sd, td), triton.cdiv(sh, th), triton.cdiv(sw, tw))
+            rows = (cdiv(sd, td), cdiv(sh, th), cdiv(sw, tw))
             values.update(zip(("tile_d", "tile_h", "tile_w"), (td, th, tw)))
             values.update(zip(("rows_d", "rows_h", "rows_w"), rows))
             shape, k_total = tiles + (channels,), batch * math.prod(rows)
@@ -732,7 +739,7 @@ class BiasGrad(Family):
 
         # Grid and split; allocate the partial sums (the result when one split).
         n_rows = math.prod(shape)
-        row_programs = triton.cdiv(n_rows, block_r)
+        row_programs = cdiv(n_rows, block_r)
         splits, k_per_split = _splits(row_programs, k_total, block_k, self.SPLIT[device])
         out = torch.empty(shape, device=dy.device, dtype=torch.float32)
         part = out if splits == 1 else torch.empty((splits,) + shape, device=dy.device,

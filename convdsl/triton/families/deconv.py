@@ -14,13 +14,18 @@ import math
 from typing import ClassVar
 
 import torch
-import triton
 
 from ...ir import ValueRef
 from ...ops.conv import deconv_crops, deconv_ranges
 from .. import autotune
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, Family, KernelPlan, needs_int64
+from .base import (
+    ITEMSIZE,
+    Family,
+    KernelPlan,
+    cdiv,
+    needs_int64,
+)
 from .conv import WeightCache
 from .epilogue import (
     anchor_step,
@@ -166,7 +171,7 @@ class Deconv(Family):
         (d, h, w), sx = spatial3(x)
         (od, oh, ow), sy = spatial3(y)
         phases = meta["stride"]
-        sub = [triton.cdiv(o, s) for o, s in zip((od, oh, ow), phases)]
+        sub = [cdiv(o, s) for o, s in zip((od, oh, ow), phases)]
         rows = x.shape[0] * math.prod(sub)
         block = config
         if block is None:  # tuned on first use on a GPU: timing relaunches each candidate
@@ -185,7 +190,7 @@ class Deconv(Family):
         if meta["bias"] == "location":
             values["n_positions"] = od * oh * ow
         # grid: one program per (stride phase, output-channel block, row block)
-        grid = (math.prod(phases) * triton.cdiv(c_out, block[1]) * triton.cdiv(rows, block[0]),)
+        grid = (math.prod(phases) * cdiv(c_out, block[1]) * cdiv(rows, block[0]),)
         kernel[grid](*self.arguments(meta).values(values),
                      **self.constexprs(meta, block, needs_int64(x, y),
                                      dot_options(target(x), x.dtype)))

@@ -14,12 +14,17 @@ import functools
 import math
 
 import torch
-import triton
 
 from ...ir import ValueRef
 from .. import autotune
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, Family, KernelPlan, needs_int64
+from .base import (
+    ITEMSIZE,
+    Family,
+    KernelPlan,
+    cdiv,
+    needs_int64,
+)
 from .conv import TORCH_DTYPE, Tile, input_precision
 from .deconv import output_geometry
 from .dense_grad import (
@@ -127,7 +132,7 @@ class DeconvDx(Family):
                   **self.geometry(a["fattrs"], x_shape[2:]),
                   **dict(zip(STRIDES_DY, sdy)), **dict(zip(STRIDES_DX, sdx))}
         # Grid: one program per (row block, input-channel block), row block fastest.
-        grid = (triton.cdiv(n * d * h * w, block[0]) * triton.cdiv(c_in, block[1]),)
+        grid = (cdiv(n * d * h * w, block[0]) * cdiv(c_in, block[1]),)
         kernel[grid](*self.arguments(meta).values(values),
                      **self.constexprs(meta, block, dy.dtype, device, needs_int64(dy, dx, weight)),
                      **launch_options(tile, device))
@@ -198,7 +203,7 @@ class DeconvDw(DeconvDx):
             relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
             tile = autotune.choose(plan, self.CONFIGS[device], (dy, x), relaunch, extra=meta)
         block = gemm_blocks(tile, device, c_in, c_out * taps, rows)
-        tiles = triton.cdiv(c_in, block[0]) * triton.cdiv(c_out * taps, block[1])
+        tiles = cdiv(c_in, block[0]) * cdiv(c_out * taps, block[1])
         splits, per = self.split_k[device].slices(rows, tiles, block[2])
         # Allocate the output (and the workspace of a split reduction).
         dw, buffer = weight_gradient(shape, splits, dy.device)
@@ -222,6 +227,6 @@ class DeconvDw(DeconvDx):
         flops, nbytes = super().cost(plan, graph, env)
         rows, c_in, c_out, taps = self.sizes(graph, plan, env)
         tile = self.CONFIGS["gpu"][0]
-        tiles = triton.cdiv(c_in, tile.BLOCK_M) * triton.cdiv(c_out * taps, tile.BLOCK_N)
+        tiles = cdiv(c_in, tile.BLOCK_M) * cdiv(c_out * taps, tile.BLOCK_N)
         splits, _ = self.split_k["gpu"].slices(rows, tiles, tile.BLOCK_K)
         return flops, nbytes + reduce_bytes(splits, c_in * c_out * taps)

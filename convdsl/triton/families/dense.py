@@ -9,12 +9,19 @@ import functools
 from typing import ClassVar
 
 import torch
-import triton
 
 from ...ir import ValueRef
 from .. import autotune
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64, target
+from .base import (
+    ITEMSIZE,
+    POINTER,
+    Family,
+    KernelPlan,
+    cdiv,
+    needs_int64,
+    target,
+)
 from .conv import (
     TORCH_DTYPE,
     Tile,
@@ -97,7 +104,8 @@ class Dense(Family):
         first = self.tile(device, precision, x_itemsize, w_itemsize)
         if device == "cpu":
             return [first]
-        return tile_candidates(first, self._tiles(precision, x_itemsize), x_itemsize, w_itemsize)
+        return list(tile_candidates(first, tuple(self._tiles(precision, x_itemsize)),
+                                    x_itemsize, w_itemsize))
 
     def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # Check inputs: x, then the epilogue's residual operands (if any).
@@ -127,7 +135,7 @@ class Dense(Family):
                 (x, *residuals), relaunch, extra={"precision": precision, "out": c_out})
 
         # Grid and launch.
-        grid = (triton.cdiv(batch, tile.BLOCK_M), triton.cdiv(c_out, tile.BLOCK_N))
+        grid = (cdiv(batch, tile.BLOCK_M), cdiv(c_out, tile.BLOCK_N))
         pointers = [x, weight] + ([p["bias"].detach()] if a["bias"] != "none" else [])
         pointers += [y, *residuals, *kept]
         options = tile.launch_options() if device == "gpu" else {}

@@ -19,13 +19,18 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from ...ir import ValueRef
 from .. import autotune
 from ..codegen import module_source, render, safe_name
 from ..loader import load_kernel
-from .base import ITEMSIZE, Family, KernelPlan, needs_int64
+from .base import (
+    ITEMSIZE,
+    Family,
+    KernelPlan,
+    cdiv,
+    needs_int64,
+)
 from .conv import (
     TORCH_DTYPE,
     Tile,
@@ -98,7 +103,7 @@ def reduce_slices(plan: KernelPlan, workspace: torch.Tensor, dw: torch.Tensor) -
     kernel = load_kernel(plan.source, reduce_name(plan.name))
     block = REDUCE_BLOCK[target(dw)]
     n = dw.numel()
-    kernel[(triton.cdiv(n, block),)](workspace, dw, n, workspace.shape[0], BLOCK=block,
+    kernel[(cdiv(n, block),)](workspace, dw, n, workspace.shape[0], BLOCK=block,
                                      INDEX_64=needs_int64(workspace))
 
 
@@ -204,7 +209,7 @@ class DenseDx(Family):
                                    relaunch)
         # Grid and launch.
         bm, bn, bk = gemm_blocks(tile, device, batch, features, c_out)
-        grid = (triton.cdiv(batch, bm), triton.cdiv(features, bn))
+        grid = (cdiv(batch, bm), cdiv(features, bn))
         kernel[grid](dy, weight, dx, *residuals, *kept, batch, features, c_out,
                      *dy.stride(), *weight.stride(), *dx.stride(),
                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
@@ -275,12 +280,12 @@ class DenseDw(DenseDx):
             relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
             tile = autotune.choose(plan, self.CONFIGS[device], (dy, x), relaunch)
         bm, bn, bk = gemm_blocks(tile, device, c_out, features, batch)
-        tiles = triton.cdiv(c_out, bm) * triton.cdiv(features, bn)
+        tiles = cdiv(c_out, bm) * cdiv(features, bn)
         splits, per = self.split_k[device].slices(batch, tiles, bk)
         # Allocate the output (and the workspace of a split reduction).
         dw, buffer = weight_gradient(shape, splits, dy.device)
         # Grid and launch; then the reduction of the slices.
-        grid = (triton.cdiv(c_out, bm), triton.cdiv(features, bn), splits)
+        grid = (cdiv(c_out, bm), cdiv(features, bn), splits)
         kernel[grid](dy, x, buffer, batch, features, c_out, per, *dy.stride(), *x.stride(),
                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                      INPUT_PRECISION=self.precision(dy.dtype, device), DOT_FP32=dot_in_fp32(dy),
@@ -303,7 +308,7 @@ class DenseDw(DenseDx):
         rows, c_out = numel(dy, env) // int(dy.shape[1]), int(dy.shape[1])
         features = _features(graph, node)
         tile = self.CONFIGS["gpu"][0]
-        tiles = triton.cdiv(c_out, tile.BLOCK_M) * triton.cdiv(features, tile.BLOCK_N)
+        tiles = cdiv(c_out, tile.BLOCK_M) * cdiv(features, tile.BLOCK_N)
         splits, _ = self.split_k["gpu"].slices(rows, tiles, tile.BLOCK_K)
         flops = 2 * rows * features * c_out
         nbytes = (rows * (c_out + features)) * ITEMSIZE[dy.dtype] + c_out * features * 4

@@ -10,12 +10,17 @@ import math
 from typing import ClassVar
 
 import torch
-import triton
 
 from ...ir import ValueRef
 from .. import autotune
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, Family, KernelPlan, needs_int64
+from .base import (
+    ITEMSIZE,
+    Family,
+    KernelPlan,
+    cdiv,
+    needs_int64,
+)
 from .conv import epilogue_bytes, epilogue_meta, epilogue_outputs
 from .epilogue import (
     anchor_step,
@@ -131,7 +136,7 @@ class Depthwise(Family):
         if meta["bias"] == "location":
             values["n_positions"] = od * oh * ow
         # grid: one program per (n, o, od, tile_h, tile_w)
-        grid = (x.shape[0] * c_out * od * triton.cdiv(oh, block[0]) * triton.cdiv(ow, block[1]),)
+        grid = (x.shape[0] * c_out * od * cdiv(oh, block[0]) * cdiv(ow, block[1]),)
         kernel[grid](*self.arguments(meta).values(values),
                      **self.constexprs(meta, block, needs_int64(x, y)))
         return [y, *kept]

@@ -13,14 +13,20 @@ import functools
 import math
 
 import torch
-import triton
 
 from ...ir import ValueRef
 from ...ir.types import evaluate
 from ...ops.fused import result_index, step_node
 from .. import autotune
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
+from .base import (
+    ITEMSIZE,
+    POINTER,
+    Family,
+    KernelPlan,
+    cdiv,
+    needs_int64,
+)
 from .conv import DIMS, Tile, WeightCache, geometry
 from .epilogue import epilogue_of, epilogue_signature, like_output, residual_operands
 from .spatial import concrete_pads, dot_options, target, window_sizes
@@ -115,7 +121,7 @@ class DepthwisePointwise(Family):
             config = autotune.choose(plan, TILES[target(x)], (x,), relaunch, extra=meta)
         tile = config
         m_total = batch * math.prod(out_sizes)
-        grid = (triton.cdiv(m_total, tile.BLOCK_M), triton.cdiv(c_out, tile.BLOCK_N))
+        grid = (cdiv(m_total, tile.BLOCK_M), cdiv(c_out, tile.BLOCK_N))
         pointers = [x, wd]
         if dw_attrs["bias"] != "none":
             pointers.append(prm["0.bias"].detach().float().contiguous())

@@ -3,7 +3,6 @@ kernel that loads each operand once and stores one result."""
 from __future__ import annotations
 
 import torch
-import triton
 
 from ..codegen import module_source, render, safe_name
 from .base import (
@@ -11,6 +10,7 @@ from .base import (
     POINTER,
     Family,
     KernelPlan,
+    cdiv,
     float_literal,
     needs_int64,
     target,
@@ -91,7 +91,7 @@ class Elementwise(Family):
                 for _ in range(1 + plan.meta["kept"])]
         n = outs[0].numel()
         block = self.BLOCK[target(outs[0])]
-        grid = (triton.cdiv(n, block),)
+        grid = (cdiv(n, block),)
         kernel[grid](*operands, *outs, n, BLOCK=block, INDEX_64=needs_int64(outs[0]))
         return outs
 

@@ -15,12 +15,16 @@ import functools
 import math
 from typing import ClassVar
 
-import triton
-
 from ...ir import ValueRef
 from .. import autotune
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, Family, KernelPlan, needs_int64
+from .base import (
+    ITEMSIZE,
+    Family,
+    KernelPlan,
+    cdiv,
+    needs_int64,
+)
 from .deconv import epilogue_meta, epilogue_tensors
 from .epilogue import anchor_step, launch_attrs, launch_params
 from .spatial import (
@@ -118,7 +122,7 @@ class Local(Family):
                                     (x.shape[0], c_out) + out_spatial, x.dtype, x.device)
         (d, h, w), sx = spatial3(x)
         (od, oh, ow), sy = spatial3(y)
-        sub = [triton.cdiv(o, t) for o, t in zip((od, oh, ow), tiles)]
+        sub = [cdiv(o, t) for o, t in zip((od, oh, ow), tiles)]
         rows = x.shape[0] * math.prod(sub)
         block = config
         if block is None:  # tuned on first use on a GPU: timing relaunches each candidate
@@ -137,7 +141,7 @@ class Local(Family):
         if meta["bias"] == "location":
             values["n_positions"] = od * oh * ow
         # grid: one program per (class, output-channel block, row block)
-        grid = (math.prod(tiles) * triton.cdiv(c_out, block[1]) * triton.cdiv(rows, block[0]),)
+        grid = (math.prod(tiles) * cdiv(c_out, block[1]) * cdiv(rows, block[0]),)
         kernel[grid](*self.arguments(meta).values(values),
                      **self.constexprs(meta, block, needs_int64(x, y, weight),
                                      dot_options(target(x), x.dtype)))

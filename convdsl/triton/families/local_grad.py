@@ -21,12 +21,17 @@ import functools
 import math
 
 import torch
-import triton
 
 from ...ir import ValueRef
 from .. import autotune
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, Family, KernelPlan, needs_int64
+from .base import (
+    ITEMSIZE,
+    Family,
+    KernelPlan,
+    cdiv,
+    needs_int64,
+)
 from .conv import TORCH_DTYPE, Tile, input_precision
 from .dense_grad import (
     SPLIT_K,
@@ -144,7 +149,7 @@ class LocalDx(Family):
         # Phases of the input positions per dim: period S * T, min(period, size) of them.
         periods = [s * t for s, t in zip(meta["stride"], tiles)]
         phases = [min(u, size) for u, size in zip(periods, (d, h, w))]
-        sub = [triton.cdiv(size, u) for u, size in zip(periods, (d, h, w))]
+        sub = [cdiv(size, u) for u, size in zip(periods, (d, h, w))]
         rows = n * math.prod(sub)
         tile = config
         if tile is None:  # tuned on first use on a GPU: timing relaunches each candidate
@@ -157,7 +162,7 @@ class LocalDx(Family):
                        **dict(zip(("PH_D", "PH_H", "PH_W"), phases)),
                        **dict(zip(STRIDES_DY, sdy)), **dict(zip(STRIDES_DX, sdx))})
         # Grid: one program per (phase, input-channel block, row block).
-        grid = (math.prod(phases) * triton.cdiv(c, block[1]) * triton.cdiv(rows, block[0]),)
+        grid = (math.prod(phases) * cdiv(c, block[1]) * cdiv(rows, block[0]),)
         kernel[grid](*self.arguments(meta).values(values),
                      **self.constexprs(meta, block, dy.dtype, device, needs_int64(dy, dx, weight)),
                      **launch_options(tile, device))
@@ -229,15 +234,15 @@ class LocalDw(LocalDx):
         assert math.prod(shape) == math.prod(tiles) * c_out * reduction, "weight shape"
         (d, h, w), sx = spatial3(x)
         (od, oh, ow), sdy = spatial3(dy)
-        sub = [triton.cdiv(o, t) for o, t in zip((od, oh, ow), tiles)]
+        sub = [cdiv(o, t) for o, t in zip((od, oh, ow), tiles)]
         rows = n * math.prod(sub)  # the reduction of one class
         tile = config
         if tile is None:  # tuned on first use on a GPU: timing relaunches each candidate
             relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
             tile = autotune.choose(plan, self.CONFIGS[device], (dy, x), relaunch, extra=meta)
         block = gemm_blocks(tile, device, c_out, reduction, rows)
-        tiles_out = (math.prod(tiles) * triton.cdiv(c_out, block[0])
-                     * triton.cdiv(reduction, block[1]))
+        tiles_out = (math.prod(tiles) * cdiv(c_out, block[0])
+                     * cdiv(reduction, block[1]))
         splits, per = self.split_k[device].slices(rows, tiles_out, block[2])
         # Allocate the output (and the workspace of a split reduction).
         dw, buffer = weight_gradient(shape, splits, dy.device)
@@ -265,7 +270,7 @@ class LocalDw(LocalDx):
         classes_ = weights // (c_out * reduction)
         rows = dy_n // (c_out * classes_)  # samples x positions of one class
         tile = self.CONFIGS["gpu"][0]
-        tiles_out = (classes_ * triton.cdiv(c_out, tile.BLOCK_M)
-                     * triton.cdiv(reduction, tile.BLOCK_N))
+        tiles_out = (classes_ * cdiv(c_out, tile.BLOCK_M)
+                     * cdiv(reduction, tile.BLOCK_N))
         splits, _ = self.split_k["gpu"].slices(rows, tiles_out, tile.BLOCK_K)
         return flops, nbytes + reduce_bytes(splits, weights)

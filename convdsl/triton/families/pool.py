@@ -13,7 +13,6 @@ import functools
 import math
 
 import torch
-import triton
 
 from ...ir import ValueRef
 from ...ir.types import evaluate, static_value
@@ -25,6 +24,7 @@ from .base import (
     POINTER,
     Family,
     KernelPlan,
+    cdiv,
     float_literal,
     needs_int64,
     target,
@@ -176,7 +176,7 @@ class Pool(Family):
         if config is None:  # timing relaunches this with each candidate
             relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
             config = autotune.choose(plan, CONFIGS, (x,), relaunch, extra=taps)
-        grid = (triton.cdiv(out.numel(), config["BLOCK"]),)
+        grid = (cdiv(out.numel(), config["BLOCK"]),)
         windows = {f"K_{d.upper()}": k for d, k in zip(_dims(len(sizes)), taps)}
         kernel[grid](x, out, out.numel(), c, *sizes, *out_sizes, *geometry, *x.stride(),
                      *out.stride(), **windows, **strides, C_INNER=c_inner,
@@ -251,7 +251,7 @@ class Maxout(Family):
         if config is None:  # timing relaunches this with each candidate
             relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
             config = autotune.choose(plan, MAXOUT_CONFIGS, (x,), relaunch, extra=pieces)
-        grid = (triton.cdiv(out.numel(), config["BLOCK"]),)
+        grid = (cdiv(out.numel(), config["BLOCK"]),)
         kernel[grid](x, out, out.numel(), c // pieces, *sizes, *x.stride(), *out.stride(),
                      PIECES=pieces, C_INNER=c_inner, INDEX_64=needs_int64(x, out), **config)
         return [out]

@@ -49,7 +49,6 @@ import functools
 import math
 
 import torch
-import triton
 
 from ...errors import ConvDSLInputError
 from ...ir import ValueRef
@@ -58,7 +57,16 @@ from ...ops.spatial import resolve_pads
 from .. import autotune
 from ..codegen import module_source, render, safe_name
 from ..loader import load_kernel
-from .base import ITEMSIZE, POINTER, Family, KernelPlan, float_literal, needs_int64
+from .base import (
+    ITEMSIZE,
+    POINTER,
+    Family,
+    KernelPlan,
+    cdiv,
+    float_literal,
+    needs_int64,
+    next_power_of_2,
+)
 from .deconv import epilogue_meta, epilogue_tensors
 from .epilogue import anchor_step, launch_attrs
 from .pool import (
@@ -247,11 +255,11 @@ class PoolDx(Family):
             if not (meta["adaptive"] and meta["routed"]):  # a routed cell's taps are not read
                 found[f"K_{d.upper()}"] = k
             if meta["kind"] == "wavg" and (meta["adaptive"] or meta["clipped"]):
-                found[f"KP_{d.upper()}"] = triton.next_power_of_2(k)
+                found[f"KP_{d.upper()}"] = next_power_of_2(k)
         if not meta["adaptive"]:
             found.update({f"S_{d.upper()}": s for d, s in zip(dims, meta["stride"])})
         if meta["reads_x"] and not meta["routed"]:
-            found["TBLOCK"] = min(triton.next_power_of_2(math.prod(taps)), MAX_TAPS)
+            found["TBLOCK"] = min(next_power_of_2(math.prod(taps)), MAX_TAPS)
         return found
 
     @staticmethod
@@ -259,7 +267,7 @@ class PoolDx(Family):
         """The argmax kernel's constexprs for windows of `taps` per dim (a fixed
         window, or the longest adaptive cell) on "gpu" or "cpu"."""
         config = ARGMAX_CONFIGS[device]
-        tblock = min(triton.next_power_of_2(math.prod(taps)), config["TAPS"])
+        tblock = min(next_power_of_2(math.prod(taps)), config["TAPS"])
         found = {"TBLOCK": tblock, "BLOCK": max(1, config["TILE"] // tblock)}
         if not meta["adaptive"]:
             for d, k, s in zip(_dims(meta["rank"]), meta["window"], meta["stride"]):
@@ -281,7 +289,7 @@ class PoolDx(Family):
         constexprs = self._argmax_constexprs(meta, taps, device)
         window = [math.prod(taps)] if meta["adaptive"] else pads  # the loop's bound, or pads
         kernel = load_kernel(plan.source, meta["argmax"])
-        kernel[(triton.cdiv(arg.numel(), constexprs["BLOCK"]),)](
+        kernel[(cdiv(arg.numel(), constexprs["BLOCK"]),)](
             x, arg, arg.numel(), x.shape[1], *sizes, *out_sizes, *window, *x.stride(),
             **constexprs, C_INNER=channels_inner(x), INDEX_64=needs_int64(x, arg),
             num_warps=ARGMAX_CONFIGS[device]["num_warps"])
@@ -335,7 +343,7 @@ class PoolDx(Family):
             config = autotune.choose(plan, CONFIGS, [dy] + ([x] if x is not None else [])
                                      + list(residuals), relaunch, extra=constexprs)
         config = self._block(config, constexprs)
-        grid = (triton.cdiv(dx.numel(), config["BLOCK"]),)
+        grid = (cdiv(dx.numel(), config["BLOCK"]),)
         if meta["routed"]:  # the windows' argmax replaces x
             operands = [dy, self._argmax(plan, x, sizes, out_sizes, pads, taps), dx]
             strides = [*dy.stride(), *dx.stride()]
@@ -478,7 +486,7 @@ class MaxoutDx(Family):
         if config is None:  # timing relaunches this with each candidate
             relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
             config = autotune.choose(plan, MAXOUT_CONFIGS, (dy, x), relaunch, extra=pieces)
-        grid = (triton.cdiv(dy.numel(), config["BLOCK"]),)
+        grid = (cdiv(dy.numel(), config["BLOCK"]),)
         kernel[grid](dy, x, dx, dy.numel(), c // pieces, *sizes, *dy.stride(), *x.stride(),
                      *dx.stride(), PIECES=pieces, C_INNER=c_inner,
                      INDEX_64=needs_int64(dy, x, dx), **config)

@@ -10,12 +10,17 @@ import functools
 from typing import ClassVar
 
 import torch
-import triton
 
 from ...ir import ValueRef
 from .. import autotune
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, Family, KernelPlan, needs_int64
+from .base import (
+    ITEMSIZE,
+    Family,
+    KernelPlan,
+    cdiv,
+    needs_int64,
+)
 from .conv import epilogue_bytes, epilogue_meta, epilogue_outputs
 from .epilogue import (
     anchor_step,
@@ -185,8 +190,8 @@ class Separable(Family):
                 extra={"out": c_out, "kernel": meta["kernel"], "stride": meta["stride"],
                        "dilation": meta["dilation"]})
         # grid: one program per (n, o, tile_d, tile_h, tile_w)
-        grid = (x.shape[0] * c_out * triton.cdiv(od, tiles["STEP_D"])
-                * triton.cdiv(oh, tiles["STEP_H"]) * triton.cdiv(ow, tiles["BLOCK_W"]),)
+        grid = (x.shape[0] * c_out * cdiv(od, tiles["STEP_D"])
+                * cdiv(oh, tiles["STEP_H"]) * cdiv(ow, tiles["BLOCK_W"]),)
         kernel[grid](*self.arguments(meta).values(values),
                      **self.constexprs(meta, tiles, needs_int64(x, y)))
         return [y, *kept]

@@ -7,13 +7,20 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from ...ir import ValueRef
 from ...ir.types import evaluate, static_value
 from .. import autotune
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
+from .base import (
+    ITEMSIZE,
+    POINTER,
+    Family,
+    KernelPlan,
+    cdiv,
+    needs_int64,
+    next_power_of_2,
+)
 from .pool import numel
 
 # Block configs, best first (the GPU tunes among its list on first use,
@@ -30,11 +37,11 @@ _FLOPS_PER_ELEMENT = 5  # max, subtract, exp, sum, divide (or log and subtract)
 
 def blocks(config: dict, length: int, n_rows: int) -> dict:
     """BLOCK_L, ROWS and SINGLE for an axis of `length` and `n_rows` rows."""
-    block = triton.next_power_of_2(max(length, 1))
+    block = next_power_of_2(max(length, 1))
     single = block <= config["MAX_BLOCK_L"]
     if not single:
         block = config["CHUNK"]
-    rows = min(max(1, config["TILE"] // block), triton.next_power_of_2(max(n_rows, 1)))
+    rows = min(max(1, config["TILE"] // block), next_power_of_2(max(n_rows, 1)))
     return {"BLOCK_L": block, "ROWS": rows, "SINGLE": single}
 
 
@@ -76,7 +83,7 @@ class Softmax(Family):
         n_rows = x.numel() // x.shape[axis]
         meta = blocks(config, x.shape[axis], n_rows)
         inner = axis_inner(x, axis)
-        grid = (triton.cdiv(n_rows, meta["ROWS"]),)
+        grid = (cdiv(n_rows, meta["ROWS"]),)
         kernel[grid](x, out, n_rows, *x.shape, *x.stride(), *out.stride(), **meta,
                      AXIS_INNER=inner, RED=1 if inner else 0, INDEX_64=needs_int64(x, out),
                      num_warps=config["num_warps"])

@@ -12,13 +12,19 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from ...ir import ValueRef
 from ...ir.types import evaluate, static_value
 from .. import autotune
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, POINTER, Family, KernelPlan, needs_int64
+from .base import (
+    ITEMSIZE,
+    POINTER,
+    Family,
+    KernelPlan,
+    cdiv,
+    needs_int64,
+)
 from .pool import numel
 from .softmax import axis_inner, blocks
 
@@ -67,7 +73,7 @@ class SoftmaxDx(Family):
         n_rows = dx.numel() // dx.shape[axis]
         meta = blocks(config, dx.shape[axis], n_rows)
         inner = axis_inner(dx, axis)
-        grid = (triton.cdiv(n_rows, meta["ROWS"]),)
+        grid = (cdiv(n_rows, meta["ROWS"]),)
         kernel[grid](dy, y, dx, n_rows, *dx.shape, *dy.stride(), *y.stride(), *dx.stride(),
                      **meta, AXIS_INNER=inner, RED=1 if inner else 0,
                      INDEX_64=needs_int64(dy, y, dx), num_warps=config["num_warps"])

@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from ...ir.types import evaluate
 from ...ops.spatial import resolve_pads
@@ -44,7 +43,9 @@ def concrete_pads(attrs: dict, sizes, dilation=None) -> tuple[tuple[int, int], .
 
 
 def pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """The next power of two >= n (at least 1); triton.next_power_of_2 without
+    its constexpr wrapper, which costs microseconds a call at every launch."""
+    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def clamp_block(config: tuple, rows: int, cols: int, reduction: int) -> tuple:
