@@ -98,7 +98,17 @@ class Graph:
             if old in node.inputs:
                 node.inputs = [new if r == old else r for r in node.inputs]
                 self.rewire(node)
-        self.outputs = [new if r == old else r for r in self.outputs]
+        if old in self.output_set():  # a set: a pass over a graph of n outputs stays O(n)
+            self.outputs = [new if r == old else r for r in self.outputs]
+
+    def output_set(self) -> frozenset:
+        """The outputs as a set, rebuilt when `outputs` is replaced or grows."""
+        cached = getattr(self, "_outputs_seen", None)
+        if cached is None or cached[0] is not self.outputs or cached[1] != len(self.outputs):
+            # holding the list keeps its id from being reused by another one
+            cached = self._outputs_seen = (self.outputs, len(self.outputs),
+                                           frozenset(self.outputs))
+        return cached[2]
 
     def rewire(self, node: Node) -> None:
         """Make the networkx edges match `node.inputs` again after an edit."""
