@@ -42,19 +42,29 @@ def step_params(params: dict, step: int) -> dict:
     return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
 
 
-def _step_context(ctx: ShapeContext, k: int, step: dict, types: list) -> ShapeContext:
-    spans = {key.split(".", 1)[1]: span for key, span in ctx.arg_spans.items()
-             if key.startswith(f"step{k}.")}
+def _step_context(ctx: ShapeContext, k: int, step: dict, types: list,
+                  spans: dict) -> ShapeContext:
     return ShapeContext(step["op"], types, step["attrs"], ctx.arg_spans.get(f"step{k}", ctx.span),
-                        spans, ctx.runtime)
+                        spans.get(f"step{k}", {}), ctx.runtime)
+
+
+def _spans_by_step(arg_spans: dict) -> dict[str, dict]:
+    """'step<k>.<arg>' spans grouped by step in one pass (a long chain stays linear)."""
+    grouped: dict[str, dict] = {}
+    for key, span in arg_spans.items():
+        step, dot, arg = key.partition(".")
+        if dot:
+            grouped.setdefault(step, {})[arg] = span
+    return grouped
 
 
 def _shape(ctx: ShapeContext) -> list[TensorType]:
     values = {f"in{i}": t for i, t in enumerate(ctx.inputs)}
+    spans = _spans_by_step(ctx.arg_spans)
     found = []
     for k, step in enumerate(ctx.attrs["steps"]):
         types = [values[o] for o in step["operands"]]
-        result = OPS[step["op"]].shape(_step_context(ctx, k, step, types))[0]
+        result = OPS[step["op"]].shape(_step_context(ctx, k, step, types, spans))[0]
         values[f"s{k}"] = result
         found.append(result)
     return [found[-1]] + found[:-1]
@@ -107,8 +117,10 @@ def step_node(node: Node, k: int) -> Node:
     """A stand-in forward node for step k, reading real forward values."""
     steps = node.attrs["steps"]
     step = steps[k]
-    refs = step_refs(node)
-    return Node(node.id, step["op"], [refs[o] for o in step["operands"]], step["attrs"],
+    # Only this step's operands: step_refs would make a pass over every step quadratic.
+    refs = [node.inputs[i] if kind == "in" else ValueRef(node.id, result_index(i, len(steps)))
+            for kind, i in map(step_operand, step["operands"])]
+    return Node(node.id, step["op"], refs, step["attrs"],
                 [node.types[result_index(k, len(steps))]],
                 node.arg_spans.get(f"step{k}", node.span), layer=step.get("layer"),
                 params=step_params(node.params, k), binding=step.get("binding"))

@@ -16,7 +16,6 @@ is not a net output, and the merged kernel stays one that a family computes
 from __future__ import annotations
 
 from ..ir import Graph, Node, ValueRef
-from ..ops import OPS, ShapeContext
 from ..ops.conv import conv_family
 from ..ops.fused import ANCHORS, FUSED, POOLS, pattern
 
@@ -49,7 +48,7 @@ def _single_user(graph: Graph, node: Node) -> Node | None:
     """The one node reading `node`'s value, if the value is read by exactly one
     node and is not a net output (then it may stay on chip)."""
     ref = ValueRef(node.id, 0)
-    if ref in graph.outputs:
+    if ref in graph.output_set():
         return None
     users = [u for u in graph.users(node.id) if ref in u.inputs]
     if len(users) != 1 or any(ValueRef(node.id, k) in u.inputs
@@ -58,42 +57,55 @@ def _single_user(graph: Graph, node: Node) -> Node | None:
     return users[0]
 
 
-def absorb(graph: Graph, node: Node, user: Node) -> None:
-    """Make `node` compute `user` too: `node` becomes (or grows) a fused node,
-    keeps its id, and takes over `user`'s readers; `user` is removed."""
+def absorb(graph: Graph, node: Node, *users: Node) -> None:
+    """Make `node` compute `users` too (a chain: each user reads the value of
+    `node` or of the user before it): `node` becomes (or grows) a fused node,
+    keeps its id, and takes over the last user's readers; the users are removed.
+
+    Linear in the steps: the existing steps are copied once, and the result
+    types come from the nodes' own types (each user's inputs are unchanged, so
+    its types still hold); no shape rule re-runs over the whole chain."""
     steps = steps_of(node)
-    first = len(steps)
     spans = _step_spans(node, 0)
     params = _step_params(node, 0)
     inputs = list(node.inputs)
-    mine = ValueRef(node.id, 0)
+    position = {ref: i for i, ref in enumerate(inputs)}
+    # The value of step k is result 1 + k of the fused node, the last one result 0.
+    values = list(node.types[1:]) if node.op == FUSED else []
+    chain = {ValueRef(node.id, 0): len(steps) - 1}  # a value made inside → its step
+    last_type = node.types[0]
 
     def operand(ref: ValueRef) -> str:
-        if ref == mine:
-            return f"s{first - 1}"
-        if ref not in inputs:
+        if ref in chain:
+            return f"s{chain[ref]}"
+        if ref not in position:
+            position[ref] = len(inputs)
             inputs.append(ref)
-        return f"in{inputs.index(ref)}"
+        return f"in{position[ref]}"
 
-    user_steps = steps_of(user)
-    user_inputs = [operand(r) for r in user.inputs]
-    for k, step in enumerate(user_steps):
-        renamed = tuple(user_inputs[int(o[2:])] if o.startswith("in") else f"s{int(o[1:]) + first}"
-                        for o in step["operands"])
-        steps.append(dict(step, operands=renamed))
-    spans.update(_step_spans(user, first))
-    params.update(_step_params(user, first))
+    for user in users:
+        first = len(steps)
+        user_inputs = [operand(r) for r in user.inputs]
+        for step in steps_of(user):
+            renamed = tuple(user_inputs[int(o[2:])] if o.startswith("in")
+                            else f"s{int(o[1:]) + first}" for o in step["operands"])
+            steps.append(dict(step, operands=renamed))
+        spans.update(_step_spans(user, first))
+        params.update(_step_params(user, first))
+        own = user.types if user.op == FUSED else user.types[:1]
+        values += [last_type, *own[1:]]
+        last_type = own[0]
+        chain[ValueRef(user.id, 0)] = len(steps) - 1
+        node.binding = user.binding or node.binding
 
-    attrs = {"pattern": pattern(steps), "steps": tuple(steps)}
-    types = [graph.type_of(r) for r in inputs]
-    ctx = ShapeContext(FUSED, types, attrs, node.span, spans)
-    node.op, node.inputs, node.attrs = FUSED, inputs, attrs
+    node.op, node.inputs = FUSED, inputs
+    node.attrs = {"pattern": pattern(steps), "steps": tuple(steps)}
     node.params, node.arg_spans = params, spans
-    node.types = OPS[FUSED].shape(ctx)
-    node.binding = user.binding or node.binding
+    node.types = [last_type, *values]
     graph.rewire(node)
-    graph.replace_uses(ValueRef(user.id, 0), ValueRef(node.id, 0))
-    graph.remove(user.id)
+    for user in users:
+        graph.replace_uses(ValueRef(user.id, 0), ValueRef(node.id, 0))
+        graph.remove(user.id)
 
 
 def _step_spans(node: Node, offset: int) -> dict:
@@ -126,21 +138,32 @@ def _is_epilogue_anchor(node: Node) -> bool:
     return steps[0]["op"] in ANCHORS and steps[-1]["op"] not in POOLS
 
 
-def _epilogue_user(graph: Graph, node: Node) -> Node | None:
-    user = _single_user(graph, node)
-    if user is None or user.types[0].dtype != node.types[0].dtype:
+def _epilogue_user(graph: Graph, head: Node, end: Node) -> Node | None:
+    """The node that may join the epilogue of `head`, whose chain of absorbable
+    users so far ends at `end` (`head` itself when there are none yet)."""
+    user = _single_user(graph, end)
+    if user is None or user.types[0].dtype != end.types[0].dtype:
         return None
-    if anchor_op(node) in GRADIENT_ANCHORS:
+    if anchor_op(head) in GRADIENT_ANCHORS:
         # an input gradient, then the activation's derivative at the same positions.
-        ok = user.op in GRADIENT_EPILOGUE and user.inputs[0] == ValueRef(node.id, 0)
+        ok = user.op in GRADIENT_EPILOGUE and user.inputs[0] == ValueRef(end.id, 0)
         return user if ok else None
     if user.op not in EPILOGUE_OPS:
         return None
     # A residual operand must come from earlier in the program: the fused node
-    # then keeps its place, and layers are still checked in source order.
-    if any(r.node > node.id for r in user.inputs if r != ValueRef(node.id, 0)):
+    # then keeps its place (head's), and layers are still checked in source order.
+    if any(r.node > head.id for r in user.inputs if r != ValueRef(end.id, 0)):
         return None
     return user
+
+
+def _epilogue_chain(graph: Graph, head: Node) -> list[Node]:
+    """Every node the epilogue of `head` can absorb, in order. Collected first
+    and absorbed at once, so a chain of n ops fuses in O(n), not O(n^2)."""
+    chain = [head]
+    while (user := _epilogue_user(graph, head, chain[-1])) is not None:
+        chain.append(user)
+    return chain[1:]
 
 
 def fuse_epilogue(graph: Graph) -> bool:
@@ -150,8 +173,8 @@ def fuse_epilogue(graph: Graph) -> bool:
             continue
         if not _is_epilogue_anchor(node):
             continue
-        while (user := _epilogue_user(graph, node)) is not None:
-            absorb(graph, node, user)
+        if chain := _epilogue_chain(graph, node):
+            absorb(graph, node, *chain)
             changed = True
     return changed
 
@@ -212,13 +235,12 @@ def fuse_pooling(graph: Graph) -> bool:
         x_type = graph.type_of(node.inputs[0])
         if steps[0]["op"] != "conv" or not _plain_epilogue(steps):
             continue
-        if conv_family(steps[0]["attrs"], [x_type]) != "conv" or isinstance(
-                steps[0]["attrs"]["pad"], str):
-            continue  # implicit-GEMM convs with known padding only
+        if conv_family(steps[0]["attrs"], [x_type]) != "conv":
+            continue  # implicit-GEMM convs only
         user = _single_user(graph, node)
         if user is None or user.op not in POOLS or "output" in user.attrs:
             continue
-        if isinstance(user.attrs["pad"], str) or pool_recompute(user.attrs) > MAX_RECOMPUTE:
+        if pool_recompute(user.attrs) > MAX_RECOMPUTE:
             continue
         absorb(graph, node, user)
         changed = True
@@ -231,10 +253,11 @@ def fuse_backward_epilogue(graph: Graph) -> bool:
     and relu' in one kernel; dx of a conv and the previous layer's relu'."""
     changed = False
     for node in list(graph.nodes()):
-        if node.id in graph and node.op in GRADIENT_ANCHORS:
-            while (user := _epilogue_user(graph, node)) is not None:
-                absorb(graph, node, user)
-                changed = True
+        if node.id not in graph or node.op not in GRADIENT_ANCHORS:
+            continue
+        if chain := _epilogue_chain(graph, node):
+            absorb(graph, node, *chain)
+            changed = True
     return changed
 
 

@@ -20,6 +20,7 @@ are both run; the fused nets have fewer kernels than the unfused ones.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def pairs(pad, rank):
 
 
 def ref_conv(x, w, b, rank, kernel, stride=1, pad=0, dilation=1, groups=1, flip=False,
-             bias="channel", connect=None):
+             bias="channel", connect=None, table=TABLE):
     flat = [v for pair in reversed(pairs(pad, rank)) for v in pair]
     x = F.pad(x, flat)
     if flip:
@@ -170,7 +171,7 @@ def ref_conv(x, w, b, rank, kernel, stride=1, pad=0, dilation=1, groups=1, flip=
     stride, dilation = per_dim(stride, rank), per_dim(dilation, rank)
     if connect:  # a loop over the table's rows: output o sums the inputs its row lists
         outs = []
-        for o, row in enumerate(TABLE):
+        for o, row in enumerate(table):
             outs.append(sum(CONV[rank](x[:, c:c + 1], w[o:o + 1, c:c + 1], None, stride, 0,
                                        dilation) for c in row))
         y = torch.cat(outs, dim=1)
@@ -451,9 +452,11 @@ def test_int64_indexing(monkeypatch):
 
 
 def test_example_nets_fuse():
-    """LeNet5, DigitsLeNet and AlexNet: every conv → pool becomes one kernel."""
+    """LeNet5, DigitsLeNet and AlexNet: every conv → pool becomes one kernel; so
+    does AnySize's and FullyConv's pad=same conv → pool, on symbolic sizes."""
     expect = {("lenet5.cdsl", "LeNet5"): 2, ("digits.cdsl", "DigitsLeNet"): 2,
-              ("alexnet.cdsl", None): 3}
+              ("alexnet.cdsl", None): 3, ("lenet5.cdsl", "AnySize"): 1,
+              ("lenet5.cdsl", "FullyConv"): 1}
     for (path, name), count in expect.items():
         src = (EXAMPLES / path).read_text()
         fused = convdsl.compile(src, net=name, backend="triton")
@@ -513,6 +516,326 @@ def test_aot_signature_matches_kernel_arguments():
             assert {k for k, v in signature.items() if v == "constexpr"} == set(constexprs)
 
 
+# -- pad=same on symbolic sizes ----------------------------------------------------------------
+#
+# `same` padding depends on the input size, so with symbolic sizes it stays a
+# word in the IR and the fused kernel resolves it at each launch. Odd sizes and
+# even kernels make it asymmetric (the larger half after); a stride-2 conv's
+# padding differs between even and odd sizes.
+
+# name → (two input spatial sizes, C_in, conv out, conv kwargs, activation, pool op, pool kwargs)
+SAME_CASES = {
+    # LeNet's AnySize: conv(pad same) + relu + 2x2 max pooling; the even kernel pads (0, 1)
+    "same-even-kernel-relu-maxpool2": (((7, 8), (10, 5)), 3, 4, {"kernel": (2, 3), "pad": "same"},
+                                       "relu", "maxpool", {"window": 2}),
+    # stride 2 with same padding: (1, 1) at 7 but (0, 1) at 8 and 6; then 2x2 average
+    # pooling with same padding: (0, 1) on odd conv outputs, counting only real taps
+    "same-stride2-tanh-avgpool-same": (((7, 8), (9, 6)), 2, 4, {"kernel": 3, "stride": 2,
+                                                              "pad": "same"},
+                                       "tanh", "avgpool", {"window": 2, "pad": "same"}),
+    # the pooling's padding is `same` too: overlapping 3x3/2 windows, (0, 1) at even sizes
+    "same-elu-maxpool3s2-same": (((7, 8), (6, 9)), 2, 3, {"kernel": 3, "pad": "same"}, "elu",
+                                 "maxpool", {"window": 3, "stride": 2, "pad": "same"}),
+    # Gaussian-weighted pooling with same padding: windows clipped at the far edge only
+    "same-stride2-relu-wavgpool-same": (((9, 7), (8, 11)), 2, 3,
+                                        {"kernel": 2, "stride": 2, "pad": "same"}, "relu",
+                                        "wavgpool", {"window": 2, "pad": "same", "sigma": 0.8}),
+    # 1-D: Lp pooling with same padding (a loop reference), dilated conv
+    "1d-same-dilated-lppool-same": (((11,), (8,)), 2, 3, {"kernel": 3, "dilation": 2,
+                                                          "pad": "same"},
+                                    "tanh", "lppool", {"window": 3, "stride": 2, "pad": "same"}),
+}
+SAME_SLOW = {"same-elu-maxpool3s2-same", "same-stride2-relu-wavgpool-same",
+             "1d-same-dilated-lppool-same"}
+
+
+def same_source(case: str) -> str:
+    sizes, c_in, out, conv_kw, act, pool, pool_kw = SAME_CASES[case]
+    dims = ("T",) if len(sizes[0]) == 1 else ("H", "W")
+    args = "".join(f", {k}={fmt(v)}" for k, v in conv_kw.items())
+    pool_args = "".join(f", {k}={fmt(v)}" for k, v in pool_kw.items() if k != "window")
+    return (f"net S(x: f32[N, {c_in}, {', '.join(dims)}]) {{\n"
+            f"    c = {act}(conv(x, {out}{args}))\n"
+            f"    return {pool}(c, {fmt(pool_kw['window'])}{pool_args})\n}}\n")
+
+
+def tf_same_pads(sizes, kernel, stride, dilation=1):
+    """The language's `same` rule (LANGUAGE.md), written out here: total padding
+    max((ceil(m/s) - 1)·s + k' - m, 0), the smaller half before."""
+    rank = len(sizes)
+    pads = []
+    for m, k, s, r in zip(sizes, per_dim(kernel, rank), per_dim(stride, rank),
+                          per_dim(dilation, rank)):
+        total = max((-(-m // s) - 1) * s + r * (k - 1) + 1 - m, 0)
+        pads.append((total // 2, total - total // 2))
+    return tuple(pads)
+
+
+def same_reference(case, x, params):
+    _, _, _, conv_kw, act, pool, pool_kw = SAME_CASES[case]
+    rank = x.dim() - 2
+    kw = dict(conv_kw, kernel=per_dim(conv_kw["kernel"], rank))
+    kw["pad"] = tf_same_pads(x.shape[2:], kw["kernel"], kw.get("stride", 1), kw.get("dilation", 1))
+    h = ACT[act](ref_conv(x, params["c.weight"], params["c.bias"], rank, **kw))
+    pool_kw = dict(pool_kw)
+    if pool_kw.get("pad") == "same":
+        window = per_dim(pool_kw["window"], rank)
+        pool_kw["pad"] = tf_same_pads(h.shape[2:], window, pool_kw.get("stride", window))
+    return ref_pool(h, pool, **pool_kw)
+
+
+_SAME_NETS: dict[str, object] = {}
+
+
+def same_net(case: str):
+    if case not in _SAME_NETS:
+        net = convdsl.compile(same_source(case), backend="triton")
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        _SAME_NETS[case] = net
+    return _SAME_NETS[case]
+
+
+@pytest.mark.parametrize("case", marked(sorted(SAME_CASES), SAME_SLOW))
+def test_same_padding_fuses_on_symbolic_sizes(case):
+    """The conv's (and the pooling's) `same` padding stays symbolic in the IR,
+    the net still compiles to one conv_pool kernel, and at two input sizes
+    (different, some asymmetric pads) forward and every gradient equal the
+    reference; the training variant too."""
+    net = same_net(case)
+    sizes, c_in = SAME_CASES[case][:2]
+    (fused,) = [n for n in net._graph.nodes() if n.op == "_fused"]
+    assert fused.attrs["steps"][0]["attrs"]["pad"] == "same"
+    (plan,) = net._program.inference.plans
+    assert plan.family == "conv_pool"
+    for spatial in sizes:
+        x = torch.randn((2, c_in) + spatial)
+        seed = torch.randn(net(x).shape)
+        xi = x.double().requires_grad_(True)
+        params = {k: v.detach().double().requires_grad_(True)
+                  for k, v in net.named_parameters()}
+        want = same_reference(case, xi, params)
+        (want * seed.double()).sum().backward()
+        y_inf, _ = run(net, x, seed, grad=False)
+        close(y_inf, want.detach())
+        y, grads = run(net, x, seed, grad=True)
+        close(y, want.detach())
+        close(grads["x"], xi.grad)
+        for name, p in params.items():
+            close(grads[name], p.grad)
+    (train_plan,) = net._program.training(net).plans
+    assert train_plan.family == "conv_pool" and "saving" in train_plan.name
+
+
+def test_same_padding_cost_and_aot_signature():
+    """The cost model and the aot signature need no padding amounts: the cost
+    resolves them at the sizes it is given (two sets here), aot passes them as
+    launch arguments."""
+    from convdsl.triton.loader import load_kernel
+
+    case = "same-stride2-tanh-avgpool-same"
+    net = same_net(case)
+    fam = family("conv_pool")
+    for program in (net._program.inference, net._program.training(net)):
+        (plan,) = program.plans
+        signature, _, _ = fam.aot(plan, program.graph)
+        kernel = load_kernel(plan.source, plan.name, interpret=True)
+        assert list(signature) == list(kernel.arg_names)
+        assert signature["pad_h"] == signature["ppad_w"] == "i32"  # launch arguments
+    (plan,) = net._program.inference.plans
+    graph = net._program.inference.graph
+    out, weights = 4, 4 * 2 * 9  # conv out channels; weights: out x C_in x 3 x 3
+    for h, w in ((32, 32), (33, 17)):
+        env = {symbol("N"): 8, symbol("H"): h, symbol("W"): w}
+        flops, nbytes = fam.cost(plan, graph, env)
+        conv_h, conv_w = -(-h // 2), -(-w // 2)  # same padding, stride 2: ceil(m / 2)
+        pooled = -(-conv_h // 2) * -(-conv_w // 2)  # and again for the pooling
+        # 2x2 windows at stride 2 read every conv output once: one GEMM row each
+        assert flops >= 8 * conv_h * conv_w * 2 * weights
+        # f32 x and pooled output, f32 weights and bias: the conv output never stored
+        assert nbytes == 4 * (8 * 2 * h * w + 8 * out * pooled + weights + out)
+
+
+@pytest.mark.slow  # the fast variant: same-even-kernel-relu-maxpool2 above
+@pytest.mark.parametrize("name", ["AnySize", "FullyConv"])
+def test_anysize_example_nets_match_functional(name):
+    """LeNet's AnySize and FullyConv (figure 9.11), whose first conv (pad=same)
+    and max pooling now fuse although H and W are symbolic, against PyTorch's
+    own functional ops, forward and backward, at two image sizes."""
+    src = (EXAMPLES / "lenet5.cdsl").read_text()
+    net = convdsl.compile(src, net=name, backend="triton")
+    assert [p.family for p in net._program.inference.plans][:2] == ["conv_pool", "conv"]
+
+    def functional(x, p):
+        h = F.max_pool2d(F.relu(F.conv2d(x, p["h1.conv.weight"], p["h1.conv.bias"],
+                                         padding="same")), 2)
+        h = F.relu(F.conv2d(h, p["h2.conv.weight"], p["h2.conv.bias"], padding="same"))
+        if name == "AnySize":
+            return F.linear(F.adaptive_max_pool2d(h, 3).flatten(1), p["dense.weight"],
+                            p["dense.bias"])
+        scores = F.conv2d(h, p["scores.weight"], p["scores.bias"])
+        return F.adaptive_avg_pool2d(scores, 1).flatten(1)
+
+    for size in ((9, 11), (12, 8)):
+        x = torch.randn((2, 3) + size)
+        y, grads = run(net, x, torch.ones(1), grad=True)
+        xi = x.double().requires_grad_(True)
+        params = {k: v.detach().double().requires_grad_(True) for k, v in net.named_parameters()}
+        want = functional(xi, params)
+        want.sum().backward()
+        close(y, want.detach())
+        close(grads["x"], xi.grad)
+        for key, p in params.items():
+            close(grads[key], p.grad)
+
+
+# -- autotuning ------------------------------------------------------------------------------------
+
+class FakeCudaTensor:
+    """What autotune.choose reads of an operand, as if on a GPU this machine lacks."""
+
+    def __init__(self, t: torch.Tensor):
+        self._t, self.device = t, torch.device("cuda", 0)
+        self.shape, self.dtype = t.shape, t.dtype
+
+    def __getattr__(self, name):  # is_contiguous, dim, stride
+        return getattr(self._t, name)
+
+
+def test_candidates_are_the_default_then_the_tiles_that_fit():
+    from convdsl.triton.families.conv import SHARED_LIMIT
+
+    fam = family("conv_pool")
+    attrs = {"table": None, "kernel": (3, 3)}
+    assert fam.candidates("cpu", attrs, 4, 4) == [fam.cpu_tile]
+    for x_itemsize, w_itemsize in ((2, 2), (4, 4)):
+        tiles = fam.candidates("gpu", attrs, x_itemsize, w_itemsize)
+        assert tiles[0] == fam.tile("gpu", attrs, x_itemsize, w_itemsize)  # what aot compiles
+        assert len(set(tiles)) == len(tiles) > 1
+        assert all(t.shared_bytes(x_itemsize, w_itemsize) <= SHARED_LIMIT for t in tiles)
+    assert fam.candidates("gpu", attrs, 4, 4)[0].BLOCK_K == 16  # f32: the tf32 tile first
+    # Shrunk to a small layer (40 grid rows, 6 outputs, 3 inputs a group): no
+    # 64-wide tiles 90% masked; tiles that become the same are tried once.
+    small = fam.candidates("gpu", attrs, 2, 2, (40, 6, 3))
+    assert small == [Tile(32, 16, 16, 8, 3), Tile(64, 16, 16, 8, 3)]
+
+
+@pytest.mark.parametrize("case", ["same-stride2-tanh-avgpool-same", "table-tanh-avgpool2"])
+def test_gpu_configs_compute_the_reference(case, monkeypatch):
+    """Inside families.as_gpu() a launch on host tensors takes the GPU's tiles,
+    warps and packed weights (under the interpreter): the training forward (the
+    kernel that also stores the conv outputs) equals the reference, and every
+    autotuning candidate of it gives the default's values, kept outputs too.
+    (The backward kernels' GPU configs are other families': test_gpu_configs.py.)"""
+    from convdsl.triton import autotune
+    from convdsl.triton.families.base import as_gpu
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact fp32 dots
+    tried = []
+    real_choose = autotune.choose
+
+    def recording(plan, candidates, tensors, run, extra=()):
+        if plan.family == "conv_pool":
+            tried.append((list(candidates), run))
+        return real_choose(plan, candidates, tensors, run, extra)
+
+    monkeypatch.setattr(autotune, "choose", recording)
+    if case in SAME_CASES:
+        net, shape = same_net(case), (2, SAME_CASES[case][1]) + SAME_CASES[case][0][0]
+    else:
+        net, shape = nets(case)[0], CASES[case][0]
+    x = torch.randn(shape)
+    with as_gpu():
+        y = net(x.clone().requires_grad_(True))
+    params = {k: v.detach().double() for k, v in net.named_parameters()}
+    xd = x.double()
+    want = same_reference(case, xd, params) if case in SAME_CASES else reference(case, xd, params)
+    close(y.detach(), want)
+    assert len(tried) == 1 and len(tried[0][0]) > 1
+    with as_gpu():
+        for candidates, run in tried:
+            default = run(candidates[0])
+            for config in candidates[1:]:
+                for got, expected in zip(run(config), default):
+                    close(got, expected, 1e-5)
+
+
+# An 18-row connection table: BLOCK_N = 16 splits the output channels into two
+# column blocks (two block lists), BLOCK_N = 32 keeps one.
+TABLE18 = tuple((o % 4, (o + 1) % 4) if o % 3 else (o % 4,) for o in range(18))
+
+
+def test_gpu_launch_tunes_each_tile_with_its_own_table_blocks(tmp_path, monkeypatch):
+    """The autotuning path of conv_pool's launch, run on this CPU: a fake CUDA
+    device and a fake timer make autotune.choose time every candidate (each a
+    real interpreted launch, with the table-block lists of its own BLOCK_N),
+    keep the fastest, store it on disk and launch it; a second call at the same
+    sizes times nothing."""
+    from convdsl.triton import autotune
+    from convdsl.triton.families import conv_pool as module
+
+    fam = family("conv_pool")
+    tiles = [Tile(64, 32, 32, 1, 1), Tile(16, 16, 16, 1, 1), Tile(32, 16, 16, 1, 1)]
+    monkeypatch.setattr(fam, "candidates", lambda *args: list(tiles))
+    real_choose = autotune.choose
+    monkeypatch.setattr(autotune, "choose", lambda plan, candidates, tensors, run, extra=(): (
+        real_choose(plan, candidates, [FakeCudaTensor(t) for t in tensors], run, extra)))
+    monkeypatch.setattr(autotune, "device_name", lambda device: "Fake GPU")
+    launched, block_ns = [], []
+
+    def timer(fn):
+        fn()
+        return 1.0 if launched[-1] == tiles[1] else 2.0  # the 16 x 16 tile is fastest
+
+    monkeypatch.setattr(autotune, "TUNER", autotune.Autotuner(tmp_path, timer))
+    original = type(fam).launch
+
+    def spy(self, plan, kernel, inputs, params, attrs, config=None):
+        launched.append(config)
+        return original(self, plan, kernel, inputs, params, attrs, config)
+
+    monkeypatch.setattr(type(fam), "launch", spy)
+    real_blocks = module.cached_table_blocks
+
+    def blocks(table, c_in, block_n, device):
+        block_ns.append(block_n)
+        return real_blocks(table, c_in, block_n, device)
+
+    monkeypatch.setattr(module, "cached_table_blocks", blocks)
+
+    rows = ", ".join("[" + ", ".join(map(str, row)) + "]" for row in TABLE18)
+    net = convdsl.compile(f"table T = [{rows}]\nnet A(x: f32[N, 4, 5, 5]) {{\n"
+                          "    return avgpool(tanh(conv(x, 18, kernel=2, connect=T)), 2)\n}\n",
+                          backend="triton")
+    x = torch.randn(2, 4, 5, 5)
+    p = {k: v.detach().double() for k, v in net.named_parameters()}
+    want = F.avg_pool2d(torch.tanh(ref_conv(x.double(), p["conv.weight"], p["conv.bias"], 2,
+                                            (2, 2), connect=True, table=TABLE18)), 2)
+    with torch.no_grad():
+        close(net(x), want)
+    assert launched == [None, *tiles]  # the call, then one timed launch per candidate
+    assert block_ns == [32, 16, 16, 16]  # each candidate's BLOCK_N, then the winner's
+    (path,) = tmp_path.iterdir()
+    (entry,) = json.loads(path.read_text())["entries"].values()
+    assert entry["config"]["BLOCK_M"] == 16 and entry["timings_ms"] == [2.0, 1.0, 2.0]
+    with torch.no_grad():
+        close(net(x), want)
+    assert launched == [None, *tiles, None] and block_ns[-1] == 16  # remembered: no timing
+
+
+def test_table_blocks_are_built_once_per_block_n():
+    from convdsl.triton.families.conv import cached_table_blocks, table_blocks
+
+    first = cached_table_blocks(TABLE18, 4, 16, torch.device("cpu"))
+    assert cached_table_blocks(TABLE18, 4, 16, "cpu") is first
+    other = cached_table_blocks(TABLE18, 4, 32, "cpu")
+    assert other is not first and len(other[0]) == 2 and len(first[0]) == 3
+    for got, want in zip(first, table_blocks(TABLE18, 4, 16, "cpu")):
+        assert torch.equal(got, want)
+
+
 # -- ahead of time ---------------------------------------------------------------------------
 
 AOT_NETS = {
@@ -530,6 +853,11 @@ net D(x: bf16[N, 64, H, W]) {
 net V(x: bf16[N, 16, 8, H, W]) {
     c = relu(conv(x, 32, kernel=3, pad=1))
     return maxpool(c, 2)
+}""",
+    "same_symbolic_f32": """
+net S(x: f32[N, 16, H, W]) {
+    c = relu(conv(x, 32, kernel=3, stride=2, pad=same))
+    return maxpool(c, 3, stride=2, pad=same)
 }""",
     "lenet_table_f32": """
 table T = [[0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5], [0, 4, 5], [0, 1, 5]]

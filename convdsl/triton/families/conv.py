@@ -232,6 +232,20 @@ def table_blocks(table, c_in: int, block_n: int, device) -> tuple[torch.Tensor, 
             member.to(device))
 
 
+TABLE_BLOCKS_CACHED = 256
+
+
+def cached_table_blocks(table, c_in: int, block_n: int, device) -> tuple[torch.Tensor, ...]:
+    """table_blocks, memoized (the same tensors for the same arguments): what the
+    conv and conv_pool launches pass to conv_operands."""
+    return _table_blocks(table, c_in, block_n, str(device))
+
+
+@functools.lru_cache(maxsize=TABLE_BLOCKS_CACHED)
+def _table_blocks(table, c_in: int, block_n: int, device: str) -> tuple[torch.Tensor, ...]:
+    return table_blocks(table, c_in, block_n, torch.device(device))
+
+
 def conv_operands(x, weight, params, attrs, channels, block_n, table_blocks) -> tuple[list, list]:
     """x, the weight, the bias and a connection table's block lists (from
     `table_blocks(table, c_in, block_n, device)`), with the membership
@@ -303,8 +317,6 @@ class Conv(Family):
     pack_weights: ClassVar[dict] = {"cpu": False, "gpu": True}
 
     def __init__(self):
-        # (table, C_in, BLOCK_N, device) → table_blocks(...), built once
-        self._tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._weights = WeightCache()
 
     # -- planning ------------------------------------------------------------------------
@@ -394,7 +406,7 @@ class Conv(Family):
 
         # Launch.
         pointers, extra_strides = conv_operands(x, weight, p, a, channels, tile.BLOCK_N,
-                                                self._table_blocks)
+                                                cached_table_blocks)
         pointers += [y, *residuals, *kept]
         location = [math.prod(out_sizes)] if a["bias"] == "location" else []
         options = tile.launch_options() if device == "gpu" else {}
@@ -416,13 +428,6 @@ class Conv(Family):
             return None
         groups = attrs["groups"]
         return batch * math.prod(out_sizes), attrs["out"] // groups, channels // groups
-
-    def _table_blocks(self, table, c_in, block_n, device):
-        key = (table, c_in, block_n, str(device))
-        blocks = self._tables.get(key)
-        if blocks is None:
-            blocks = self._tables[key] = table_blocks(table, c_in, block_n, device)
-        return blocks
 
     # -- ahead of time -------------------------------------------------------------------
     def aot(self, plan, graph):

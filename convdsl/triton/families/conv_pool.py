@@ -10,6 +10,11 @@ pooling accumulator, so the pre-pool activation never reaches global memory.
 Overlapping windows (3×3 at stride 2) recompute the conv outputs they share;
 the fusion pass bounds that (passes/fusion.py, MAX_RECOMPUTE).
 
+Both paddings may be `same` on symbolic sizes: the launch resolves them from
+the real input, and they reach the kernel as arguments, never as constants.
+On a GPU the tile is tuned on first use at new sizes (ConvPool.candidates,
+autotune.py); the interpreter keeps one fixed tile.
+
 Pooling follows the pool family exactly (families/pool.py): padding never
 counts, average divides by the real taps, a NaN wins a max, Lp and the
 Gaussian weights are computed the same way. What is pooled is the activation
@@ -26,32 +31,44 @@ no window reads are stored too, so the backward graph never reads garbage.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import ClassVar
 
 import torch
-import triton
 
 from ...ir import ValueRef
 from ...ir.types import evaluate
 from ...ops.fused import result_index, step_node
 from ...ops.spatial import effective_kernel, resolve_pads
+from .. import autotune
 from ..codegen import module_source, render, safe_name
-from .base import ITEMSIZE, POINTER, Family, KernelPlan, float_literal, needs_int64
+from .base import (
+    ITEMSIZE,
+    POINTER,
+    Family,
+    KernelPlan,
+    cdiv,
+    float_literal,
+    needs_int64,
+    target,
+)
 from .conv import (
     DIMS,
     TORCH_DTYPE,
     Tile,
     WeightCache,
+    cached_table_blocks,
     conv_operands,
     dot_in_fp32,
+    fit_tiles,
     geometry,
     input_precision,
     output_format,
     packed_conv_weight,
     pick_tile,
-    table_blocks,
     table_connections,
+    tile_candidates,
 )
 from .epilogue import (
     Epilogue,
@@ -64,7 +81,10 @@ from .epilogue import (
     like_output,
 )
 
-# GPU tiles, best first (the first that fits shared memory runs). The pooling
+# GPU tiles, best first: the first that fits shared memory is the default (and
+# what aot compiles); on first use at new sizes the autotuner times it against
+# the others that fit (autotune.py; f32 inputs also try the 16-bit tiles, which
+# may spill on sm_80 but can still win). The pooling
 # accumulator is a second fp32 tile beside the conv's, and the training variant
 # also stores inside the tap loop, so tiles have half conv's default rows and
 # twice its warps: 32 pooled positions × 64 channels with 8 warps; f32 inputs
@@ -82,6 +102,9 @@ F32_TILES = (Tile(32, 64, 16, num_warps=8, num_stages=2),)
 # The interpreter: fewer, larger programs are faster; tl.dot needs dims >= 16.
 CPU_TILE = Tile(64, 32, 32, num_warps=1, num_stages=1)
 
+# The connection-table block lists of a launch, built once per (table, C_in,
+# BLOCK_N, device): the lists depend on BLOCK_N, so each tile the autotuner
+# tries gets its own. Any implicit-GEMM conv family can share this cache.
 # FLOPs per pooled tap by kind (compare; add; square-add or |x|^p; weight, multiply, two adds)
 TAP_FLOPS = {"max": 1, "avg": 1, "lp": 2, "wavg": 4}
 
@@ -168,7 +191,6 @@ class ConvPool(Family):
     pack_weights: ClassVar[dict] = {"cpu": False, "gpu": True}
 
     def __init__(self):
-        self._tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._weights = WeightCache()
 
     # -- planning ------------------------------------------------------------------------
@@ -208,7 +230,19 @@ class ConvPool(Family):
         tiles = self.f32_tiles if x_itemsize == 4 else self.tiles
         return pick_tile(tiles, x_itemsize, w_itemsize)
 
-    def launch(self, plan, kernel, inputs, params, attrs):
+    def candidates(self, device: str, attrs, x_itemsize: int, w_itemsize: int,
+                   problem: tuple[int, int, int] | None = None) -> list[Tile]:
+        """What the autotuner times on a GPU: the tile `tile` picks (the one aot
+        compiles), then every other tile that fits shared memory; with `problem`
+        (grid rows, output and input channels of a group) each shrunk to it
+        (Tile.fit), repeats dropped. The interpreter keeps its one fixed tile."""
+        first = self.tile(device, attrs, x_itemsize, w_itemsize)
+        if device == "cpu":
+            return [first]
+        tiles = (*self.f32_tiles, *self.tiles) if x_itemsize == 4 else self.tiles
+        return list(fit_tiles(tile_candidates(first, tiles, x_itemsize, w_itemsize), problem))
+
+    def launch(self, plan, kernel, inputs, params, attrs, config=None):
         # Check inputs; the anchor's and the pooling's concrete attributes.
         (x,) = inputs
         (node_id,) = plan.nodes
@@ -234,11 +268,10 @@ class ConvPool(Family):
                           for m, (before, after), k, s in zip(conv_sizes, ppads, window, stride))
         extent = grid_sizes(conv_sizes, out_sizes, ppads, stride, saving)
 
-        device = "cpu" if x.device.type == "cpu" else "gpu"
+        device = target(x)
         weight = p["weight"].detach()
         if self.pack_weights[device]:
             weight = self._weights.get(weight, x.dtype, lambda w: packed_conv_weight(w, x.dtype))
-        tile = self.tile(device, a, x.element_size(), weight.element_size())
 
         # Allocate the pooled output in x's layout, and the kept conv-sized values.
         fmt = output_format(x)
@@ -249,14 +282,29 @@ class ConvPool(Family):
                                 device=x.device, memory_format=fmt)
             kept = [first] + [torch.empty_like(first) for _ in range(plan.meta["kept"] - 1)]
 
-        # Grid: pooled-position blocks × output-channel blocks × groups.
+        # The GEMM of one group: rows (pooled positions the grid covers), columns.
         c_in, c_out = channels // groups, c_out_total // groups
         m_total = batch * math.prod(extent)
-        grid = (triton.cdiv(m_total, tile.BLOCK_M), triton.cdiv(c_out, tile.BLOCK_N), groups)
+
+        tile = config
+        if tile is None:  # tuned on first use on a GPU: timing relaunches each candidate
+            relaunch = functools.partial(self.launch, plan, kernel, inputs, params, attrs)
+            layer = {k: a[k] for k in ("out", "kernel", "stride", "dilation", "groups", "flip")}
+            # A table's column blocks read the union of their rows' inputs, not c_in.
+            problem = None if a["table"] is not None else (m_total, c_out, c_in)
+            tile = autotune.choose(
+                plan, self.candidates(device, a, x.element_size(), weight.element_size(),
+                                      problem),
+                (x,), relaunch,
+                extra={**layer, "pads": pads, "table": a["table"] is not None,
+                       "window": window, "pool_stride": stride, "pool_pads": ppads})
+
+        # Grid: pooled-position blocks × output-channel blocks × groups.
+        grid = (cdiv(m_total, tile.BLOCK_M), cdiv(c_out, tile.BLOCK_N), groups)
 
         # Launch.
         pointers, extra_strides = conv_operands(x, weight, p, a, channels, tile.BLOCK_N,
-                                                self._table_blocks)
+                                                cached_table_blocks)
         pointers.append(y)
         pointers.extend(kept)
         location = [math.prod(conv_sizes)] if a["bias"] == "location" else []
@@ -277,13 +325,6 @@ class ConvPool(Family):
             INPUT_PRECISION=input_precision(x.dtype, torch.backends.cudnn.allow_tf32),
             DOT_FP32=dot_in_fp32(x), INDEX_64=needs_int64(x, weight, y, *kept[:1]), **options)
         return [y, *kept]
-
-    def _table_blocks(self, table, c_in, block_n, device):
-        key = (table, c_in, block_n, str(device))
-        blocks = self._tables.get(key)
-        if blocks is None:
-            blocks = self._tables[key] = table_blocks(table, c_in, block_n, device)
-        return blocks
 
     # -- ahead of time -------------------------------------------------------------------
     def aot(self, plan, graph):

@@ -66,6 +66,7 @@ from .base import (
     float_literal,
     needs_int64,
     next_power_of_2,
+    target,
 )
 from .deconv import epilogue_meta, epilogue_tensors
 from .epilogue import anchor_step, launch_attrs
@@ -285,7 +286,7 @@ class PoolDx(Family):
                           device=x.device)
         if arg.numel() == 0:
             return arg
-        device = "cpu" if x.device.type == "cpu" else "gpu"
+        device = target(x)
         constexprs = self._argmax_constexprs(meta, taps, device)
         window = [math.prod(taps)] if meta["adaptive"] else pads  # the loop's bound, or pads
         kernel = load_kernel(plan.source, meta["argmax"])
