@@ -20,6 +20,7 @@ convdsl` stays cheap for the Pygments lexer.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -28,13 +29,76 @@ from .errors import ConvDSLError
 
 _DTYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 _SPATIAL_SYMBOLS = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
-_ACTIVATIONS = {"ReLU": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}
+
+
+@dataclass(frozen=True)
+class _Activation:
+    """How an elementwise layer becomes a .cdsl call: its op, the keyword
+    arguments read from the layer (attribute, keyword, the keyword's default:
+    left out when equal), and the attribute values convdsl's op requires."""
+
+    op: str
+    keywords: tuple[tuple[str, str, float], ...] = ()
+    required: tuple[tuple[str, float], ...] = ()
+    why: str = ""  # the error when a required value differs
+
+
+# Matched by exact class, so a subclass that computes something else (a
+# quantized ReLU6 subclasses ReLU) is refused rather than converted.
+_ACTIVATIONS = {
+    "ReLU": _Activation("relu"),
+    "Sigmoid": _Activation("sigmoid"),
+    "Tanh": _Activation("tanh"),
+}
+# Matched with isinstance.
+_PARAMETRIC_ACTIVATIONS = {
+    "LeakyReLU": _Activation("leaky_relu", keywords=(("negative_slope", "slope", 0.01),)),
+    "ELU": _Activation("elu", keywords=(("alpha", "alpha", 1.0),)),
+    "Softplus": _Activation("softplus", required=(("beta", 1), ("threshold", 20)),
+                            why="only beta=1, threshold=20 are supported (convdsl's softplus "
+                                "is log(1 + exp(x)))"),
+}
+
+
+@dataclass(frozen=True)
+class _PoolKind:
+    """A windowed pooling layer: its .cdsl op and what convdsl refuses, as
+    (test(layer, rank, pad), message formatted with the layer) pairs."""
+
+    op: str
+    refusals: tuple = ()
+
+
+_POOL_KINDS = {  # by PyTorch base class, in torch.nn.modules.pooling
+    "_MaxPoolNd": _PoolKind("maxpool", (
+        (lambda layer, rank, pad: any(d != 1 for d in _spatial(layer.dilation, rank)),
+         "dilation is not supported for pooling"),
+        (lambda layer, rank, pad: layer.return_indices, "return_indices=True is not supported"),
+    )),
+    "_AvgPoolNd": _PoolKind("avgpool", (
+        (lambda layer, rank, pad: any(pad) and layer.count_include_pad,
+         "convdsl's avgpool does not count padding: use count_include_pad=False"),
+        (lambda layer, rank, pad: getattr(layer, "divisor_override", None) is not None,
+         "divisor_override is not supported"),
+    )),
+    "_LPPoolNd": _PoolKind("lppool", (
+        (lambda layer, rank, pad: not 0 < float(layer.norm_type) < math.inf,
+         "norm_type={layer.norm_type} is not supported"),
+    )),
+}
+_LP_NOTE = "PyTorch raises x (not |x|) to p: equal only for x >= 0"
+
+
+def _ranked(stem: str) -> tuple[str, ...]:
+    """A layer PyTorch has in 1-, 2- and 3-d variants: Conv1d, Conv2d, Conv3d."""
+    return tuple(f"{stem}{rank}d" for rank in (1, 2, 3))
+
+
 SUPPORTED = (
-    "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-    "Linear", "Flatten", "ReLU", "Sigmoid", "Tanh", "LeakyReLU", "ELU", "Softplus", "Identity",
-    "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
-    "LPPool1d", "LPPool2d", "LPPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d",
-    "AdaptiveAvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
+    *_ranked("Conv"), *_ranked("ConvTranspose"), "Linear", "Flatten",
+    *_ACTIVATIONS, *_PARAMETRIC_ACTIVATIONS, "Identity",
+    *_ranked("MaxPool"), *_ranked("AvgPool"), *_ranked("LPPool"),
+    *_ranked("AdaptiveAvgPool"), *_ranked("AdaptiveMaxPool"),
     "Softmax", "LogSoftmax", "Softmax2d", "Sequential",
 )
 
@@ -148,7 +212,27 @@ def _input_shape(layers, given) -> _Shape:
 
 def _keeps_shape(layer) -> bool:
     name = type(layer).__name__
-    return name in _ACTIVATIONS or name in {"LeakyReLU", "ELU", "Softplus", "Identity"}
+    return name in _ACTIVATIONS or name in _PARAMETRIC_ACTIVATIONS or name == "Identity"
+
+
+@functools.cache
+def _dispatch() -> tuple:
+    """(PyTorch classes, _Writer method) in the order `convert` tries them:
+    transpose convolutions before convolutions, which they subclass."""
+    from torch import nn
+
+    conv, pooling = nn.modules.conv, nn.modules.pooling
+    return (
+        (nn.Identity, "_skip"),
+        (conv._ConvTransposeNd, "_deconv"),
+        (conv._ConvNd, "_conv"),
+        (nn.Linear, "_linear"),
+        (nn.Flatten, "_flatten"),
+        (tuple(getattr(nn, name) for name in _PARAMETRIC_ACTIVATIONS), "_parametric_activation"),
+        ((nn.Softmax, nn.LogSoftmax, nn.Softmax2d), "_softmax"),
+        ((pooling._AdaptiveAvgPoolNd, pooling._AdaptiveMaxPoolNd), "_adaptive_pool"),
+        (tuple(getattr(pooling, base) for base in _POOL_KINDS), "_pool"),
+    )
 
 
 def _record_sizes(layers, shape: _Shape, dtype: str) -> dict[str, list]:
@@ -234,36 +318,31 @@ class _Writer:
     def _sizes_after(self, path, fallback: list) -> None:
         self.shape.sizes = self.recorded.get(path, fallback)
 
+    def _emit_layer(self, kind: str, path, layer, args: list) -> None:
+        """A layer with parameters: bound to a name of its own (`conv1`), its
+        weights kept under that name."""
+        if layer.bias is None:
+            args.append("bias=none")
+        name = self._layer_name(kind)
+        self._keep(name, layer)
+        self._emit(path, layer, f"{kind}({', '.join(args)})", binding=name)
+
     # -- layers ----------------------------------------------------------------------
     def convert(self, path: str, layer) -> None:
-        from torch import nn
-
-        kind = type(layer).__name__
-        if isinstance(layer, nn.Identity):
-            return
-        if isinstance(layer, nn.modules.conv._ConvTransposeNd):
-            return self._deconv(path, layer)
-        if isinstance(layer, nn.modules.conv._ConvNd):
-            return self._conv(path, layer)
-        if isinstance(layer, nn.Linear):
-            return self._linear(path, layer)
-        if isinstance(layer, nn.Flatten):
-            return self._flatten(path, layer)
-        if kind in _ACTIVATIONS:
-            return self._emit(path, layer, f"{_ACTIVATIONS[kind]}({self.current})")
-        if isinstance(layer, (nn.LeakyReLU, nn.ELU, nn.Softplus)):
-            return self._parametric_activation(path, layer)
-        if isinstance(layer, (nn.Softmax, nn.LogSoftmax, nn.Softmax2d)):
-            return self._softmax(path, layer)
-        if isinstance(layer, (nn.modules.pooling._AdaptiveAvgPoolNd,
-                              nn.modules.pooling._AdaptiveMaxPoolNd)):
-            return self._adaptive_pool(path, layer)
-        if isinstance(layer, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-                              nn.modules.pooling._LPPoolNd)):
-            return self._pool(path, layer)
+        plain = _ACTIVATIONS.get(type(layer).__name__)
+        if plain is not None:
+            return self._activation(path, layer, plain)
+        for classes, method in _dispatch():
+            if isinstance(layer, classes):
+                return getattr(self, method)(path, layer)
         raise _unsupported(path, layer)
 
-    def _conv(self, path, layer) -> None:
+    def _skip(self, path, layer) -> None:
+        """nn.Identity: no statement."""
+
+    def _window_layer(self, path, layer) -> tuple[int, list]:
+        """The checks and leading arguments convolutions and transpose
+        convolutions share: (rank, [input, out, kernel=, stride=])."""
         rank = len(layer.kernel_size)
         self._need_spatial(path, layer, rank)
         self._need_channels(path, layer, layer.in_channels)
@@ -273,33 +352,29 @@ class _Writer:
         args = [self.current, str(layer.out_channels), f"kernel={_ints(layer.kernel_size)}"]
         if any(s != 1 for s in layer.stride):
             args.append(f"stride={_ints(layer.stride)}")
+        return rank, args
+
+    @staticmethod
+    def _dilation(layer) -> list:
+        return [f"dilation={_ints(layer.dilation)}"] if any(d != 1 for d in layer.dilation) else []
+
+    def _conv(self, path, layer) -> None:
+        rank, args = self._window_layer(path, layer)
         if layer.padding == "same":  # stride 1: PyTorch's split is TensorFlow's rule too
             args.append("pad=same")
         elif layer.padding != "valid" and any(p != 0 for p in layer.padding):
             args.append(f"pad={_ints(layer.padding)}")
-        if any(d != 1 for d in layer.dilation):
-            args.append(f"dilation={_ints(layer.dilation)}")
+        args += self._dilation(layer)
         if layer.groups != 1:
             args.append(f"groups={layer.groups}")
-        if layer.bias is None:
-            args.append("bias=none")
-        name = self._layer_name("conv")
-        self._keep(name, layer)
-        self._emit(path, layer, f"conv({', '.join(args)})", binding=name)
+        self._emit_layer("conv", path, layer, args)
         self.shape.channels = layer.out_channels
         self._sizes_after(path, [None] * rank)
 
     def _deconv(self, path, layer) -> None:
-        rank = len(layer.kernel_size)
-        self._need_spatial(path, layer, rank)
-        self._need_channels(path, layer, layer.in_channels)
+        rank, args = self._window_layer(path, layer)
         if layer.groups != 1:
             raise self._fail(path, layer, "groups > 1 is not supported (deconv has no groups)")
-        if layer.padding_mode != "zeros":
-            raise self._fail(path, layer, f"padding_mode='{layer.padding_mode}' is not supported")
-        args = [self.current, str(layer.out_channels), f"kernel={_ints(layer.kernel_size)}"]
-        if any(s != 1 for s in layer.stride):
-            args.append(f"stride={_ints(layer.stride)}")
         # PyTorch crops `padding` from the full transposed output at the start and
         # `padding - output_padding` at the end; convdsl's pairs say exactly that.
         pads, extra = list(layer.padding), list(layer.output_padding)
@@ -321,13 +396,8 @@ class _Writer:
             args.append(f"pad={_ints(pads)}")
         if sizes is not None:
             args.append(f"size={_ints(sizes) if rank > 1 else sizes[0]}")
-        if any(d != 1 for d in layer.dilation):
-            args.append(f"dilation={_ints(layer.dilation)}")
-        if layer.bias is None:
-            args.append("bias=none")
-        name = self._layer_name("deconv")
-        self._keep(name, layer)
-        self._emit(path, layer, f"deconv({', '.join(args)})", binding=name)
+        args += self._dilation(layer)
+        self._emit_layer("deconv", path, layer, args)
         self.shape.channels = layer.out_channels
         self._sizes_after(path, [None] * rank)
 
@@ -340,12 +410,7 @@ class _Writer:
                                           "input size: pass input_shape with int sizes, or pool "
                                           "to a fixed size first (nn.AdaptiveAvgPool2d)")
         self._need_channels(path, layer, layer.in_features)
-        args = [self.current, str(layer.out_features)]
-        if layer.bias is None:
-            args.append("bias=none")
-        name = self._layer_name("dense")
-        self._keep(name, layer)
-        self._emit(path, layer, f"dense({', '.join(args)})", binding=name)
+        self._emit_layer("dense", path, layer, [self.current, str(layer.out_features)])
         self.shape.channels = layer.out_features
 
     def _flatten(self, path, layer) -> None:
@@ -360,23 +425,26 @@ class _Writer:
         self.shape.spatial, self.shape.sizes = None, []
         self._emit(path, layer, f"flatten({self.current})")
 
+    def _activation(self, path, layer, spec: _Activation) -> None:
+        if any(getattr(layer, attr) != value for attr, value in spec.required):
+            raise self._fail(path, layer, spec.why)
+        args = [self.current]
+        try:
+            for attr, keyword, default in spec.keywords:
+                value = getattr(layer, attr)
+                if value != default:
+                    args.append(f"{keyword}={_number(value)}")
+        except ValueError:
+            raise self._fail(path, layer, "a non-finite parameter has no .cdsl literal") from None
+        self._emit(path, layer, f"{spec.op}({', '.join(args)})")
+
     def _parametric_activation(self, path, layer) -> None:
         from torch import nn
 
-        try:
-            if isinstance(layer, nn.LeakyReLU):
-                slope = layer.negative_slope
-                arg = "" if slope == 0.01 else f", slope={_number(slope)}"
-                return self._emit(path, layer, f"leaky_relu({self.current}{arg})")
-            if isinstance(layer, nn.ELU):
-                arg = "" if layer.alpha == 1.0 else f", alpha={_number(layer.alpha)}"
-                return self._emit(path, layer, f"elu({self.current}{arg})")
-        except ValueError:
-            raise self._fail(path, layer, "a non-finite parameter has no .cdsl literal") from None
-        if layer.beta != 1 or layer.threshold != 20:
-            raise self._fail(path, layer, "only beta=1, threshold=20 are supported (convdsl's "
-                                          "softplus is log(1 + exp(x)))")
-        self._emit(path, layer, f"softplus({self.current})")
+        for name, spec in _PARAMETRIC_ACTIVATIONS.items():
+            if isinstance(layer, getattr(nn, name)):
+                return self._activation(path, layer, spec)
+        raise _unsupported(path, layer)
 
     def _softmax(self, path, layer) -> None:
         from torch import nn
@@ -397,7 +465,7 @@ class _Writer:
         self._emit(path, layer, f"{op}({self.current}{axis})")
 
     def _pool(self, path, layer) -> None:
-        from torch import nn
+        from torch.nn.modules import pooling
 
         rank = int(type(layer).__name__[-2])
         self._need_spatial(path, layer, rank)
@@ -406,35 +474,24 @@ class _Writer:
         window = _spatial(layer.kernel_size, rank)
         stride = _spatial(layer.stride or layer.kernel_size, rank)
         pad = _spatial(getattr(layer, "padding", 0), rank)
-        note = ""
-        if isinstance(layer, nn.modules.pooling._MaxPoolNd):
-            op = "maxpool"
-            if any(d != 1 for d in _spatial(layer.dilation, rank)):
-                raise self._fail(path, layer, "dilation is not supported for pooling")
-            if layer.return_indices:
-                raise self._fail(path, layer, "return_indices=True is not supported")
-        elif isinstance(layer, nn.modules.pooling._AvgPoolNd):
-            op = "avgpool"
-            if any(pad) and layer.count_include_pad:
-                raise self._fail(path, layer, "convdsl's avgpool does not count padding: use "
-                                              "count_include_pad=False")
-            if getattr(layer, "divisor_override", None) is not None:
-                raise self._fail(path, layer, "divisor_override is not supported")
-        else:
-            op = "lppool"
-            p = float(layer.norm_type)
-            if not (p > 0 and math.isfinite(p)):
-                raise self._fail(path, layer, f"norm_type={layer.norm_type} is not supported")
-            if not (p.is_integer() and int(p) % 2 == 0):
-                note = "PyTorch raises x (not |x|) to p: equal only for x >= 0"
+        kind = next(kind for base, kind in _POOL_KINDS.items()
+                    if isinstance(layer, getattr(pooling, base)))
+        for refuses, message in kind.refusals:
+            if refuses(layer, rank, pad):
+                raise self._fail(path, layer, message.format(layer=layer))
         args = [self.current, _ints(window)]
         if stride != window:
             args.append(f"stride={_ints(stride)}")
         if any(pad):
             args.append(f"pad={_ints(pad)}")
-        if op == "lppool" and float(layer.norm_type) != 2.0:
-            args.append(f"p={_number(layer.norm_type)}")
-        self._emit(path, layer, f"{op}({', '.join(args)})", note=note)
+        note = ""
+        if kind.op == "lppool":
+            p = float(layer.norm_type)
+            if p != 2.0:
+                args.append(f"p={_number(p)}")
+            if not (p.is_integer() and int(p) % 2 == 0):
+                note = _LP_NOTE
+        self._emit(path, layer, f"{kind.op}({', '.join(args)})", note=note)
         self._sizes_after(path, [None] * rank)
 
     def _adaptive_pool(self, path, layer) -> None:

@@ -2,6 +2,8 @@
 loaded with the returned state, computes what the PyTorch model computes."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,6 +12,7 @@ from torch import nn
 
 import convdsl
 from convdsl import ConvDSLError
+from convdsl.from_torch import SUPPORTED
 
 ATOL = 1e-5
 
@@ -198,3 +201,44 @@ def test_errors_render_without_a_traceback():
     with pytest.raises(ConvDSLError) as caught:
         convdsl.from_torch(nn.Sequential(nn.GRU(3, 3)))
     assert str(caught.value).startswith("error: 0 (GRU) is not supported by from_torch")
+
+
+# -- every layer from_torch lists converts, and computes what it computes ------------------
+
+# Arguments for each layer kind: the ranked ones (Conv1d/2d/3d, ...) by their stem.
+LAYER_ARGUMENTS = {
+    "Conv": lambda cls: cls(4, 5, 3, stride=2, padding=1),
+    "ConvTranspose": lambda cls: cls(4, 2, 3, stride=2, padding=1, output_padding=1),
+    "MaxPool": lambda cls: cls(3, stride=2, padding=1),
+    "AvgPool": lambda cls: cls(3, stride=2, padding=1, count_include_pad=False),
+    "LPPool": lambda cls: cls(2, 2),
+    "AdaptiveAvgPool": lambda cls: cls(3),
+    "AdaptiveMaxPool": lambda cls: cls(2),
+    "Linear": lambda cls: nn.Sequential(nn.Flatten(), cls(4 * 6**2, 3)),
+    "LeakyReLU": lambda cls: cls(0.2),
+    "ELU": lambda cls: cls(0.5),
+    "Softmax": lambda cls: cls(dim=1),
+    "LogSoftmax": lambda cls: cls(dim=1),
+    "Sequential": lambda cls: cls(nn.ReLU(), nn.Sequential(nn.Tanh())),
+}
+
+
+def layer_under_test(name: str) -> tuple[nn.Sequential, tuple]:
+    """A model that runs the PyTorch layer `name` (an entry of SUPPORTED) on the
+    output of a 1x1 convolution of its rank, and the input shape to run it at."""
+    ranked = re.fullmatch(r"(\w+?)([123])d", name)
+    if ranked and ranked.group(1) != "Softmax":  # Softmax2d: one class, not a rank of Softmax
+        stem, rank = ranked.group(1), int(ranked.group(2))
+    else:
+        stem, rank = name, 2
+    layer = LAYER_ARGUMENTS.get(stem, lambda cls: cls())(getattr(nn, name))
+    return nn.Sequential(getattr(nn, f"Conv{rank}d")(3, 4, 1), layer), (2, 3) + (6,) * rank
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_every_supported_layer_converts(name):
+    torch.manual_seed(5)
+    model, shape = layer_under_test(name)
+    text = convdsl.from_torch(model, input_shape=shape)
+    assert f": {name}" in text or name in ("Identity", "Sequential")
+    assert_same(model, converted(model, input_shape=shape), torch.randn(*shape))

@@ -1,26 +1,19 @@
-"""Shared machinery for the convolution-family numerical tests.
-
-Everything here is *reference* code written independently of ``convdsl``:
-PyTorch built-ins (F.conv*, F.conv_transpose*, F.linear) or direct loops over
-the book's equations.  The compiled net is only ever compared with these.
+"""Shared machinery for the convolution-family numerical tests: building and
+parameterizing one-layer nets, and comparing a compiled net's forward and
+backward with a reference (the references themselves are in tests/reference.py).
 
 (Used by tests/ops/test_conv.py and tests/ops/test_local_tiled_deconv_dense.py.)
 """
 from __future__ import annotations
 
-import itertools
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 import convdsl
-
-CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -66,124 +59,6 @@ def randomize(net, seed: int = 0, scale: float = 0.5) -> dict[str, torch.Tensor]
 
 def rand(*shape, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(shape, generator=gen(seed), dtype=dtype)
-
-
-# -- padding arithmetic, written out here independently of convdsl -------------------------
-
-def keff(k: int, r: int = 1) -> int:
-    return r * (k - 1) + 1
-
-
-def tf_same_pads(m: int, k: int, s: int, r: int = 1) -> tuple[int, int]:
-    """TensorFlow's SAME: out = ceil(m/s); total = max((out-1)·s + k' − m, 0);
-    the smaller half before."""
-    out = -(-m // s)
-    total = max((out - 1) * s + keff(k, r) - m, 0)
-    return (total // 2, total - total // 2)
-
-
-def pad_nd(x: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Zero-pad the spatial dims of [N, C, *m] by (before, after) pairs, first
-    spatial dim first (negative values crop)."""
-    flat = []
-    for before, after in reversed(list(pairs)):
-        flat += [before, after]
-    return F.pad(x, flat)
-
-
-def out_size(m: int, k: int, s: int, before: int, after: int, r: int = 1) -> int:
-    return (m + before + after - keff(k, r)) // s + 1
-
-
-# -- references -----------------------------------------------------------------------------
-
-def ref_conv(x, w, b, *, stride=1, pads=None, dilation=1, groups=1, bias="channel"):
-    """F.conv{1,2,3}d on an explicitly padded input (asymmetric pads allowed)."""
-    rank = x.dim() - 2
-    if pads is not None:
-        x = pad_nd(x, pads)
-    y = CONV[rank](x, w, None, stride=stride, dilation=dilation, groups=groups)
-    return add_ref_bias(y, b, bias)
-
-
-def add_ref_bias(y, b, mode="channel"):
-    if b is None or mode == "none":
-        return y
-    if mode == "channel":
-        return y + b.view(1, -1, *([1] * (y.dim() - 2)))
-    if mode == "location":
-        assert b.shape == y.shape[1:], (b.shape, y.shape)
-        return y + b.unsqueeze(0)
-    raise ValueError(mode)
-
-
-def loop_windowed(xpad: torch.Tensor, out_sizes, kernel, stride, dilation,
-                  contrib: Callable) -> torch.Tensor:
-    """Direct loop over the book's windowed sum (eq. 9.7/9.8 and relatives):
-
-        Z[:, :, p] = Σ_q contrib(p, q, V[:, :, p·s + q·r])
-
-    where contrib maps the [N, C] input slice at kernel offset q for output
-    position p to the [N, out] contribution."""
-    n = xpad.shape[0]
-    cols = []
-    for p in itertools.product(*(range(o) for o in out_sizes)):
-        acc = None
-        for q in itertools.product(*(range(k) for k in kernel)):
-            idx = tuple(pi * s + qi * r for pi, qi, s, r in zip(p, q, stride, dilation))
-            term = contrib(p, q, xpad[(slice(None), slice(None)) + idx])
-            acc = term if acc is None else acc + term
-        cols.append(acc)
-    y = torch.stack(cols, dim=-1)
-    return y.reshape(n, y.shape[1], *out_sizes)
-
-
-def true_convolution_full(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Eq. 9.4 summed over input channels, literally:
-    S[n, o, i] = Σ_c Σ_m I[n, c, m] · K[o, c, i − m], for every i where some
-    term exists (the 'full' convolution, size m + k − 1 per dim)."""
-    rank = x.dim() - 2
-    m_sizes, k_sizes = x.shape[2:], w.shape[2:]
-    out_sizes = [m + k - 1 for m, k in zip(m_sizes, k_sizes)]
-    n, out = x.shape[0], w.shape[0]
-    cols = []
-    for i in itertools.product(*(range(o) for o in out_sizes)):
-        acc = x.new_zeros(n, out)
-        for m in itertools.product(*(range(s) for s in m_sizes)):
-            kk = tuple(a - b for a, b in zip(i, m))
-            if all(0 <= v < k for v, k in zip(kk, k_sizes)):
-                # [N, C] @ [C, out]
-                acc = acc + x[(slice(None), slice(None)) + m] @ w[(slice(None), slice(None)) + kk].T
-        cols.append(acc)
-    return torch.stack(cols, -1).reshape(n, out, *out_sizes)
-
-
-def outer_kernel(factors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Outer product over spatial dims of [out, in, k_d] factors (einsum)."""
-    letters = "abc"[: len(factors)]
-    spec = ",".join(f"oi{l}" for l in letters) + f"->oi{letters}"
-    return torch.einsum(spec, *factors)
-
-
-def deconv_by_adjoint(x, w, *, stride, before, size, dilation=None, groups=1):
-    """Transpose convolution as the adjoint of a convolution (eq. 9.12–9.14):
-    the gradient, w.r.t. a zero input z of spatial size `size`, of
-    conv(pad(z, before, ·), w) contracted with x.  The `after` padding (or crop)
-    is chosen so the conv output has exactly x's spatial size.  Differentiable in
-    x and w (create_graph)."""
-    rank = x.dim() - 2
-    dilation = dilation or (1,) * rank
-    n, cin = x.shape[:2]
-    cout = w.shape[1] * groups
-    z = torch.zeros((n, cout) + tuple(size), dtype=x.dtype, requires_grad=True)
-    pairs = []
-    for m, k, s, b, sz, r in zip(x.shape[2:], w.shape[2:], stride, before, size, dilation):
-        after = (m - 1) * s + keff(k, r) - sz - b
-        pairs.append((b, after))
-    y = CONV[rank](pad_nd(z, pairs), w, None, stride=stride, dilation=dilation, groups=groups)
-    assert y.shape == x.shape, (y.shape, x.shape)
-    (grad,) = torch.autograd.grad(y, z, grad_outputs=x, create_graph=True)
-    return grad
 
 
 # -- comparing a compiled net with a reference ----------------------------------------------

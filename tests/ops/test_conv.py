@@ -16,27 +16,27 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ..reference import (
+    conv_by_torch,
+    conv_table_loop,
+    keff,
+    out_size,
+    outer_kernel,
+    per_dim,
+    resolve_pads,
+    tf_same_pads,
+    true_convolution_full,
+)
 from .helpers import (
-    CONV,
-    add_ref_bias,
     assert_close,
     check_against,
     compile_net,
-    gen,
     gradcheck_net,
-    keff,
-    loop_windowed,
     one_layer,
-    outer_kernel,
-    out_size,
-    pad_nd,
     rand,
     randomize,
-    ref_conv,
     shape_dict,
     single_thread,  # noqa: F401  (autouse fixture)
-    tf_same_pads,
-    true_convolution_full,
 )
 
 
@@ -47,24 +47,6 @@ def fmt(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     return str(v)
-
-
-def per_dim(v, rank):
-    return tuple(v) if isinstance(v, tuple) else (v,) * rank
-
-
-def expected_pads(pad, spatial, kernel, stride, dilation):
-    """(before, after) per dim from the spec's rules, computed here."""
-    rank = len(spatial)
-    kernel, stride, dilation = (per_dim(v, rank) for v in (kernel, stride, dilation))
-    if pad == "valid":
-        return [(0, 0)] * rank
-    if pad == "same":
-        return [tf_same_pads(m, k, s, r) for m, k, s, r in zip(spatial, kernel, stride, dilation)]
-    if pad == "full":
-        return [(keff(k, r) - 1,) * 2 for k, r in zip(kernel, dilation)]
-    pads = per_dim(pad, rank)
-    return [(p, p) if isinstance(p, int) else tuple(p) for p in pads]
 
 
 def decl(n, c, spatial):
@@ -127,7 +109,7 @@ def test_conv_matches_torch(rank, c, spatial, out, kernel, stride, pad, dilation
     assert shape_dict(net) == {"y.weight": (out, c // groups) + k, "y.bias": (out,)}
     assert net.parameter_count() == out * (c // groups) * math.prod(k) + out
     randomize(net, seed=rank)
-    pads = expected_pads(pad, spatial, kernel, stride, dilation)
+    pads = resolve_pads(pad, spatial, kernel, stride, dilation)
     st_, dl = per_dim(stride, rank), per_dim(dilation, rank)
     expected_shape = tuple(out_size(m, kk, s, b, a, r)
                            for m, kk, s, (b, a), r in zip(spatial, k, st_, pads, dl))
@@ -135,8 +117,8 @@ def test_conv_matches_torch(rank, c, spatial, out, kernel, stride, pad, dilation
         assert expected_shape == tuple(-(-m // s) for m, s in zip(spatial, st_))
 
     def ref(x, p):
-        return ref_conv(x, p["y.weight"], p["y.bias"], stride=st_, pads=pads, dilation=dl,
-                        groups=groups)
+        return conv_by_torch(x, p["y.weight"], p["y.bias"], stride=st_, pad=pads, dilation=dl,
+                             groups=groups)
 
     x = rand(2, c, *spatial, seed=10 + rank)
     assert net(x).shape == (2, out) + expected_shape
@@ -158,7 +140,7 @@ def test_same_padding_tf_rule_symbolic_length(k, s, r):
         y = net(x)
         assert y.shape == (1, 2, -(-m // s)), (m, k, s, r)
         w, b = net.state_dict()["y.weight"], net.state_dict()["y.bias"]
-        assert_close(y.detach(), ref_conv(x, w, b, stride=(s,), pads=pads, dilation=(r,)),
+        assert_close(y.detach(), conv_by_torch(x, w, b, stride=(s,), pad=pads, dilation=(r,)),
                      f"m={m}")
 
 
@@ -169,7 +151,7 @@ def test_same_padding_2d_stride2_odd_even(spatial):
     randomize(net, seed=3)
     pads = [tf_same_pads(m, k, 2) for m, k in zip(spatial, (4, 3))]
     check_against(net, [rand(2, 2, *spatial, seed=4)],
-                  lambda x, p: ref_conv(x, p["y.weight"], p["y.bias"], stride=2, pads=pads))
+                  lambda x, p: conv_by_torch(x, p["y.weight"], p["y.bias"], stride=2, pad=pads))
 
 
 # -- depthwise ------------------------------------------------------------------------------
@@ -189,10 +171,10 @@ def test_depthwise_with_multiplier(rank, c, spatial, kernel, mult, stride, pad, 
     k = per_dim(kernel, rank)
     assert shape_dict(net) == {"y.weight": (c * mult, 1) + k, "y.bias": (c * mult,)}
     randomize(net, seed=5)
-    pads = expected_pads(pad, spatial, kernel, stride, 1)
+    pads = resolve_pads(pad, spatial, kernel, stride, 1)
     check_against(net, [rand(2, c, *spatial, seed=6)],
-                  lambda x, p: ref_conv(x, p["y.weight"], p["y.bias"], stride=per_dim(stride, rank),
-                                        pads=pads, groups=c))
+                  lambda x, p: conv_by_torch(x, p["y.weight"], p["y.bias"],
+                                             stride=per_dim(stride, rank), pad=pads, groups=c))
 
 
 def test_depthwise_separable_location_bias():
@@ -202,8 +184,8 @@ def test_depthwise_separable_location_bias():
                                "y.bias": (6, 4, 3)}
     randomize(net, seed=37)
     pads = [tf_same_pads(7, 3, 2), tf_same_pads(6, 2, 2)]
-    check_against(net, [rand(2, 3, 7, 6, seed=38)], lambda x, p: ref_conv(
-        x, outer_kernel([p["y.weight_0"], p["y.weight_1"]]), p["y.bias"], stride=2, pads=pads,
+    check_against(net, [rand(2, 3, 7, 6, seed=38)], lambda x, p: conv_by_torch(
+        x, outer_kernel([p["y.weight_0"], p["y.weight_1"]]), p["y.bias"], stride=2, pad=pads,
         groups=3, bias="location"))
 
 
@@ -219,29 +201,6 @@ def test_depthwise_channel_order():
 
 
 # -- connection tables ----------------------------------------------------------------------
-
-def table_loop_reference(table, stride=(1, 1), pads=((0, 0), (0, 0)), dilation=(1, 1),
-                         bias="channel", weight_of=None):
-    """Eq. 9.7 restricted to the table: Z[i] = Σ_{l ∈ T[i]} Σ_q V[l, p·s + q·r] K[i, l, q]."""
-    def ref(x, p):
-        w = weight_of(p) if weight_of else p["y.weight"]
-        xp = pad_nd(x, pads)
-        kernel = tuple(w.shape[2:])
-        outs = [out_size(m, k, s, 0, 0, r) for m, k, s, r in zip(xp.shape[2:], kernel, stride, dilation)]
-
-        def contrib(pos, q, xs):   # xs [N, C] -> [N, out]
-            cols = []
-            for i, row in enumerate(table):
-                term = 0
-                for l in row:
-                    term = term + xs[:, l] * w[(i, l) + q]
-                cols.append(term)
-            return torch.stack(cols, dim=1)
-
-        y = loop_windowed(xp, outs, kernel, stride, dilation, contrib)
-        return add_ref_bias(y, p.get("y.bias"), bias)
-    return ref
-
 
 TABLE = [[0, 1], [1, 2], [0, 2], [2]]
 
@@ -262,7 +221,7 @@ def test_table_forward_backward_and_zero_gradient_outside():
     assert torch.count_nonzero(w0[mask]) > 0
     # entries outside the table are set non-zero here: the net must ignore them
     randomize(net, seed=7)
-    grads = check_against(net, [rand(2, 3, 5, 6, seed=8)], table_loop_reference(TABLE))
+    grads = check_against(net, [rand(2, 3, 5, 6, seed=8)], lambda x, p: conv_table_loop(x, p["y.weight"], TABLE, p["y.bias"]))
     g = grads["y.weight"]
     assert torch.all(g[~mask] == 0), "gradient outside the connection table must be exactly 0"
     assert torch.all(g[mask].abs().sum(dim=-1).sum(dim=-1) > 0)
@@ -275,7 +234,8 @@ def test_table_stride_pad_dilation_no_bias():
     randomize(net, seed=9)
     pads = [tf_same_pads(7, 2, 2, 2), tf_same_pads(6, 3, 2, 1)]
     check_against(net, [rand(2, 3, 7, 6, seed=10)],
-                  table_loop_reference(TABLE, (2, 2), pads, (2, 1), bias="none"))
+                  lambda x, p: conv_table_loop(x, p["y.weight"], TABLE, stride=2, pad=pads,
+                                               dilation=(2, 1)))
 
 
 def test_table_1d_and_3d():
@@ -291,7 +251,7 @@ def test_table_1d_and_3d():
     net = compile_net(table_src("y = conv(x, 4, kernel=2, connect=T)", decl(1, 3, (3, 4, 3))))
     randomize(net, seed=13)
     check_against(net, [rand(1, 3, 3, 4, 3, seed=14)],
-                  table_loop_reference(TABLE, (1, 1, 1), ((0, 0),) * 3, (1, 1, 1)))
+                  lambda x, p: conv_table_loop(x, p["y.weight"], TABLE, p["y.bias"]))
 
 
 def test_table_parameter_count_lenet_c3(capsys, tmp_path):
@@ -332,8 +292,8 @@ def test_table_separable():
                                 decl(2, 3, (5, 6))))
     assert shape_dict(net) == {"y.weight_0": (4, 3, 3), "y.weight_1": (4, 3, 2), "y.bias": (4,)}
     randomize(net, seed=15)
-    grads = check_against(net, [rand(2, 3, 5, 6, seed=16)], table_loop_reference(
-        TABLE, weight_of=lambda p: outer_kernel([p["y.weight_0"], p["y.weight_1"]])))
+    grads = check_against(net, [rand(2, 3, 5, 6, seed=16)], lambda x, p: conv_table_loop(
+        x, outer_kernel([p["y.weight_0"], p["y.weight_1"]]), TABLE, p["y.bias"]))
     mask = torch.zeros(4, 3, dtype=torch.bool)
     for o, row in enumerate(TABLE):
         mask[o, row] = True
@@ -413,10 +373,10 @@ def test_flip_differs_from_correlation_and_strided():
     randomize(net, seed=19)
     pads = [tf_same_pads(7, 3, 2), tf_same_pads(6, 2, 2)]
     x = rand(2, 2, 7, 6, seed=20)
-    check_against(net, [x], lambda x, p: ref_conv(x, p["y.weight"].flip([2, 3]), p["y.bias"],
-                                                   stride=2, pads=pads))
+    check_against(net, [x], lambda x, p: conv_by_torch(x, p["y.weight"].flip([2, 3]), p["y.bias"],
+                                                        stride=2, pad=pads))
     w, b = net.state_dict()["y.weight"], net.state_dict()["y.bias"]
-    unflipped = ref_conv(x, w, b, stride=2, pads=pads)
+    unflipped = conv_by_torch(x, w, b, stride=2, pad=pads)
     assert not torch.allclose(net(x).detach(), unflipped, atol=1e-3)
 
 
@@ -438,11 +398,12 @@ def test_separable_outer_product(rank, c, spatial, out, kernel, stride, pad, gro
     assert shape_dict(net) == expected
     assert net.parameter_count() == out * (c // groups) * sum(k) + out
     randomize(net, seed=21)
-    pads = expected_pads(pad, spatial, kernel, stride, 1)
+    pads = resolve_pads(pad, spatial, kernel, stride, 1)
 
     def ref(x, p):
         w = outer_kernel([p[f"y.weight_{d}"] for d in range(rank)])
-        return ref_conv(x, w, p["y.bias"], stride=per_dim(stride, rank), pads=pads, groups=groups)
+        return conv_by_torch(x, w, p["y.bias"], stride=per_dim(stride, rank), pad=pads,
+                             groups=groups)
     check_against(net, [rand(2, c, *spatial, seed=22)], ref)
 
 
@@ -469,7 +430,7 @@ def test_bias_none():
     assert shape_dict(net) == {"y.weight": (3, 2, 3, 3)}
     randomize(net, seed=23)
     check_against(net, [rand(2, 2, 6, 5, seed=24)],
-                  lambda x, p: ref_conv(x, p["y.weight"], None, pads=[(1, 1), (1, 1)]))
+                  lambda x, p: conv_by_torch(x, p["y.weight"], None, pad=[(1, 1), (1, 1)]))
 
 
 @pytest.mark.parametrize("rank,spatial,stride,pad", [
@@ -482,14 +443,14 @@ def test_bias_location(rank, spatial, stride, pad):
     net = compile_net(one_layer(
         f"y = conv(x, 3, kernel=3, stride={stride}, pad={fmt(pad)}, bias=location)",
         decl(2, 2, spatial)))
-    pads = expected_pads(pad, spatial, 3, stride, 1)
+    pads = resolve_pads(pad, spatial, 3, stride, 1)
     o = tuple(out_size(m, 3, stride, b, a) for m, (b, a) in zip(spatial, pads))
     assert shape_dict(net) == {"y.weight": (3, 2) + (3,) * rank, "y.bias": (3,) + o}
     assert net.parameter_count() == 3 * 2 * 3 ** rank + 3 * math.prod(o)
     randomize(net, seed=25)
     check_against(net, [rand(2, 2, *spatial, seed=26)],
-                  lambda x, p: ref_conv(x, p["y.weight"], p["y.bias"], stride=stride, pads=pads,
-                                        bias="location"))
+                  lambda x, p: conv_by_torch(x, p["y.weight"], p["y.bias"], stride=stride, pad=pads,
+                                             bias="location"))
 
 
 def test_bias_location_each_unit_independent():
@@ -515,8 +476,8 @@ def test_symbolic_input_two_sizes():
         pads = [tf_same_pads(h, 3, 2), tf_same_pads(w, 3, 2)]
         x = rand(n, 2, h, w, seed=h)
         assert net(x).shape == (n, 3, -(-h // 2), -(-w // 2))
-        check_against(net, [x], lambda x, p: ref_conv(x, p["y.weight"], p["y.bias"], stride=2,
-                                                       pads=pads))
+        check_against(net, [x], lambda x, p, pads=pads: conv_by_torch(
+            x, p["y.weight"], p["y.bias"], stride=2, pad=pads))
 
 
 def test_symbolic_input_two_sizes_3d_valid_dilated():
@@ -525,8 +486,8 @@ def test_symbolic_input_two_sizes_3d_valid_dilated():
     randomize(net, seed=28)
     for shape in ((1, 4, 4, 5, 3), (2, 4, 5, 3, 6)):
         x = rand(*shape, seed=sum(shape))
-        check_against(net, [x], lambda x, p: ref_conv(x, p["y.weight"], p["y.bias"], dilation=2,
-                                                       groups=2))
+        check_against(net, [x], lambda x, p: conv_by_torch(x, p["y.weight"], p["y.bias"],
+                                                            dilation=2, groups=2))
 
 
 SYMBOLIC_PADS = ["valid", "full", "same", 1, (2, 0), ((1, 0), (2, 1))]
@@ -540,9 +501,9 @@ def test_symbolic_sizes_every_pad_form(pad, optimize):
                                 f"pad={fmt(pad)})", "x: f32[N, 2, H, W]"), optimize=optimize)
     randomize(net, seed=43)
     for n, h, w in ((1, 6, 5), (2, 9, 8)):
-        pads = expected_pads(pad, (h, w), (3, 2), (2, 1), (1, 2))
-        check_against(net, [rand(n, 2, h, w, seed=h)], lambda x, p: ref_conv(
-            x, p["y.weight"], p["y.bias"], stride=(2, 1), pads=pads, dilation=(1, 2)))
+        pads = resolve_pads(pad, (h, w), (3, 2), (2, 1), (1, 2))
+        check_against(net, [rand(n, 2, h, w, seed=h)], lambda x, p, pads=pads: conv_by_torch(
+            x, p["y.weight"], p["y.bias"], stride=(2, 1), pad=pads, dilation=(1, 2)))
 
 
 # -- property test --------------------------------------------------------------------------
@@ -577,11 +538,11 @@ def test_conv_property_matches_torch(cfg):
             f"dilation={fmt(dilation if rank > 1 else dilation[0])}, groups={groups}, bias={bias})")
     net = compile_net(one_layer(stmt, decl(2, c, spatial)))
     randomize(net, seed=sum(spatial))
-    pads = expected_pads(pad, spatial, kernel, stride, dilation)
+    pads = resolve_pads(pad, spatial, kernel, stride, dilation)
 
     def ref(x, p):
-        return ref_conv(x, p["y.weight"], p.get("y.bias"), stride=stride, pads=pads,
-                        dilation=dilation, groups=groups, bias=bias)
+        return conv_by_torch(x, p["y.weight"], p.get("y.bias"), stride=stride, pad=pads,
+                             dilation=dilation, groups=groups, bias=bias)
     check_against(net, [rand(2, c, *spatial, seed=len(spatial))], ref)
 
 
@@ -622,7 +583,7 @@ def test_double_accepts_float64_and_matches():
     x = rand(1, 2, 6, 5, seed=34, dtype=torch.float64)
     y = net(x)
     assert y.dtype == torch.float64
-    torch.testing.assert_close(y.detach(), ref_conv(x, w, b, stride=2, pads=[(0, 1), (1, 1)]),
+    torch.testing.assert_close(y.detach(), conv_by_torch(x, w, b, stride=2, pad=[(0, 1), (1, 1)]),
                                rtol=1e-12, atol=1e-12)
 
 
@@ -682,5 +643,6 @@ net T(x: f32[2, 2, 6, 6]) {
     assert params["y.weight"].grad is not None and x.grad is not None
 
     def ref(x, p):
-        return ref_conv(ref_conv(x, p["f.weight"], p["f.bias"]), p["y.weight"], p["y.bias"])
+        h = conv_by_torch(x, p["f.weight"], p["f.bias"])
+        return conv_by_torch(h, p["y.weight"], p["y.bias"])
     check_against(net, [rand(2, 2, 6, 6, seed=37)], ref)

@@ -8,32 +8,35 @@ parameter are compared; a subset also runs gradcheck in float64.
 """
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from .helpers import (
+from ..reference import (
     CONV_T,
-    add_ref_bias,
+    add_bias,
+    conv_by_torch,
+    deconv_by_adjoint,
+    keff,
+    local_loop,
+    out_size,
+    per_dim,
+    resolve_pads,
+    tf_same_pads,
+    tiled_loop,
+)
+from .helpers import (
     assert_close,
     check_against,
     compile_net,
-    deconv_by_adjoint,
     gradcheck_net,
-    keff,
-    loop_windowed,
     one_layer,
-    out_size,
-    pad_nd,
     rand,
     randomize,
-    ref_conv,
     shape_dict,
     single_thread,  # noqa: F401  (autouse fixture)
-    tf_same_pads,
 )
 
 
@@ -43,43 +46,11 @@ def fmt(v) -> str:
     return str(v)
 
 
-def per_dim(v, rank):
-    return tuple(v) if isinstance(v, tuple) else (v,) * rank
-
-
 def decl(n, c, spatial):
     return f"x: f32[{', '.join(str(v) for v in (n, c) + tuple(spatial))}]"
 
 
-def window_pads(pad, spatial, kernel, stride):
-    rank = len(spatial)
-    kernel, stride = per_dim(kernel, rank), per_dim(stride, rank)
-    if pad == "valid":
-        return [(0, 0)] * rank
-    if pad == "same":
-        return [tf_same_pads(m, k, s) for m, k, s in zip(spatial, kernel, stride)]
-    if pad == "full":
-        return [(k - 1, k - 1) for k in kernel]
-    return [(p, p) if isinstance(p, int) else tuple(p) for p in per_dim(pad, rank)]
-
-
 # -- local: eq. 9.9 -------------------------------------------------------------------------
-
-def local_reference(kernel, stride, pads, bias_mode):
-    """Z[i, p] = Σ_{l, q} V[l, p·s + q] · W[i, p, l, q]   (eq. 9.9, 0-based)."""
-    def ref(x, p):
-        w = p["y.weight"]
-        xp = pad_nd(x, pads)
-        rank = x.dim() - 2
-        o = tuple(w.shape[1:1 + rank])
-
-        def contrib(pos, q, xs):
-            kern = w[(slice(None),) + pos + (slice(None),) + q]      # [out, in]
-            return xs @ kern.T
-        y = loop_windowed(xp, o, kernel, stride, (1,) * rank, contrib)
-        return add_ref_bias(y, p.get("y.bias"), bias_mode)
-    return ref
-
 
 LOCAL_CASES = [
     # rank, C, spatial, out, kernel, stride, pad, bias
@@ -98,7 +69,7 @@ def test_local_matches_eq_9_9(rank, c, spatial, out, kernel, stride, pad, bias):
     net = compile_net(one_layer(f"y = local(x, {out}, kernel={fmt(kernel)}, stride={fmt(stride)}, "
                                 f"pad={fmt(pad)}, bias={bias})", decl(2, c, spatial)))
     k, s = per_dim(kernel, rank), per_dim(stride, rank)
-    pads = window_pads(pad, spatial, kernel, stride)
+    pads = resolve_pads(pad, spatial, kernel, stride)
     o = tuple(out_size(m, kk, ss, b, a) for m, kk, ss, (b, a) in zip(spatial, k, s, pads))
     expected = {"y.weight": (out,) + o + (c,) + k}
     if bias == "location":
@@ -108,7 +79,8 @@ def test_local_matches_eq_9_9(rank, c, spatial, out, kernel, stride, pad, bias):
     assert shape_dict(net) == expected
     assert net.parameter_count() == sum(math.prod(v) for v in expected.values())
     randomize(net, seed=rank + 40)
-    check_against(net, [rand(2, c, *spatial, seed=41)], local_reference(k, s, pads, bias))
+    check_against(net, [rand(2, c, *spatial, seed=41)], lambda x, p: local_loop(
+        x, p["y.weight"], p.get("y.bias"), stride=s, pad=pads, bias=bias))
 
 
 def test_local_default_bias_is_location():
@@ -127,7 +99,8 @@ def test_local_with_identical_kernels_is_conv():
     w = k.view(3, 1, 1, 2, 3, 3).expand(3, *o, 2, 3, 3).contiguous()
     net.load_state_dict({"y.weight": w, "y.bias": b})
     x = rand(2, 2, 6, 5, seed=44)
-    assert_close(net(x).detach(), ref_conv(x, k, b, stride=2, pads=[(1, 1), (1, 1)]), "local==conv")
+    assert_close(net(x).detach(), conv_by_torch(x, k, b, stride=2, pad=[(1, 1), (1, 1)]),
+                 "local==conv")
 
 
 def test_local_position_uses_its_own_kernel():
@@ -146,31 +119,6 @@ def test_local_position_uses_its_own_kernel():
 
 
 # -- tiled: eq. 9.10 ------------------------------------------------------------------------
-
-def tiled_reference(kernel, stride, pads, tiles, bias_mode):
-    """Z[i, p] = Σ_{l, q} V[l, p·s + q] · K[p mod t, i, l, q]   (eq. 9.10, 0-based);
-    bias=tiled adds b[p mod t, i]."""
-    def ref(x, p):
-        w = p["y.weight"]
-        xp = pad_nd(x, pads)
-        rank = x.dim() - 2
-        o = tuple(out_size(m, k, s, 0, 0) for m, k, s in zip(xp.shape[2:], kernel, stride))
-
-        def contrib(pos, q, xs):
-            tile = tuple(pi % ti for pi, ti in zip(pos, tiles))
-            return xs @ w[tile + (slice(None), slice(None)) + q].T
-        y = loop_windowed(xp, o, kernel, stride, (1,) * rank, contrib)
-        b = p.get("y.bias")
-        if bias_mode == "tiled":
-            rows = []
-            for pos in itertools.product(*(range(v) for v in o)):
-                tile = tuple(pi % ti for pi, ti in zip(pos, tiles))
-                rows.append(b[tile])                            # [out]
-            full = torch.stack(rows, -1).reshape(y.shape[1:])
-            return y + full.unsqueeze(0)
-        return add_ref_bias(y, b, bias_mode)
-    return ref
-
 
 TILED_CASES = [
     # rank, C, spatial, out, kernel, tiles, stride, pad, bias
@@ -191,14 +139,15 @@ def test_tiled_matches_eq_9_10(rank, c, spatial, out, kernel, tiles, stride, pad
                                 f"stride={fmt(stride)}, pad={fmt(pad)}, bias={bias})",
                                 decl(2, c, spatial)))
     k, t, s = per_dim(kernel, rank), per_dim(tiles, rank), per_dim(stride, rank)
-    pads = window_pads(pad, spatial, kernel, stride)
+    pads = resolve_pads(pad, spatial, kernel, stride)
     o = tuple(out_size(m, kk, ss, b, a) for m, kk, ss, (b, a) in zip(spatial, k, s, pads))
     expected = {"y.weight": t + (out, c) + k}
     expected.update({"tiled": {"y.bias": t + (out,)}, "channel": {"y.bias": (out,)},
                      "location": {"y.bias": (out,) + o}, "none": {}}[bias])
     assert shape_dict(net) == expected
     randomize(net, seed=rank + 50)
-    check_against(net, [rand(2, c, *spatial, seed=51)], tiled_reference(k, s, pads, t, bias))
+    check_against(net, [rand(2, c, *spatial, seed=51)], lambda x, p: tiled_loop(
+        x, p["y.weight"], p.get("y.bias"), stride=s, pad=pads, bias=bias))
 
 
 def test_tiled_default_bias_is_tiled():
@@ -213,8 +162,8 @@ def test_tiled_one_tile_is_conv():
     randomize(net, seed=52)
     pads = [tf_same_pads(7, 3, 2), tf_same_pads(6, 2, 2)]
     check_against(net, [rand(2, 2, 7, 6, seed=53)],
-                  lambda x, p: ref_conv(x, p["y.weight"][0, 0], p["y.bias"][0, 0], stride=2,
-                                        pads=pads))
+                  lambda x, p: conv_by_torch(x, p["y.weight"][0, 0], p["y.bias"][0, 0], stride=2,
+                                             pad=pads))
 
 
 def test_tiled_full_tiles_is_local():
@@ -227,8 +176,8 @@ def test_tiled_full_tiles_is_local():
     net_l.load_state_dict({"y.weight": wt.permute(2, 0, 1, 3, 4, 5).contiguous()})  # [out, o, in, k]
     x = rand(2, 2, 4, 5, seed=55)
     # each against the loop reference (never compiler vs compiler)
-    check_against(net_t, [x], tiled_reference((2, 2), (1, 1), [(0, 0)] * 2, (3, 4), "none"))
-    check_against(net_l, [x], local_reference((2, 2), (1, 1), [(0, 0)] * 2, "none"))
+    check_against(net_t, [x], lambda x, p: tiled_loop(x, p["y.weight"]))
+    check_against(net_l, [x], lambda x, p: local_loop(x, p["y.weight"]))
 
 
 @pytest.mark.parametrize("pad", ["same", "valid", "full", 1, ((0, 2), (1, 0))], ids=str)
@@ -238,9 +187,9 @@ def test_tiled_symbolic_size_two_sizes(pad, optimize):
                                 f"pad={fmt(pad)})", "x: f32[N, 2, H, W]"), optimize=optimize)
     randomize(net, seed=56)
     for n, h, w in ((1, 5, 7), (2, 8, 4)):
-        pads = window_pads(pad, (h, w), 3, (1, 2))
-        check_against(net, [rand(n, 2, h, w, seed=h)],
-                      tiled_reference((3, 3), (1, 2), pads, (2, 3), "tiled"))
+        pads = resolve_pads(pad, (h, w), 3, (1, 2))
+        check_against(net, [rand(n, 2, h, w, seed=h)], lambda x, p, pads=pads: tiled_loop(
+            x, p["y.weight"], p["y.bias"], stride=(1, 2), pad=pads))
 
 
 # -- deconv against F.conv_transpose (symmetric integer padding) ----------------------------
@@ -328,7 +277,7 @@ def test_deconv_is_adjoint_of_conv(rank, cin, spatial, out, kernel, stride, pad,
 
     def ref(x, p):
         y = deconv_by_adjoint(x, p["y.weight"], stride=s, before=before, size=size_t)
-        return add_ref_bias(y, p["y.bias"])
+        return add_bias(y, p["y.bias"])
     x = rand(2, cin, *spatial, seed=71)
     assert net(x).shape == (2, out) + size_t
     check_against(net, [x], ref)
@@ -341,8 +290,8 @@ def test_deconv_same_output_is_input_times_stride_symbolic():
     for n, h, w in ((1, 3, 4), (2, 5, 2)):
         x = rand(n, 3, h, w, seed=h * w)
         assert net(x).shape == (n, 2, 2 * h, 2 * w)
-        check_against(net, [x], lambda x, p: add_ref_bias(
-            deconv_by_adjoint(x, p["y.weight"], stride=(2, 2), before=(0, 0), size=(2 * h, 2 * w)),
+        check_against(net, [x], lambda x, p, size=(2 * h, 2 * w): add_bias(
+            deconv_by_adjoint(x, p["y.weight"], stride=(2, 2), before=(0, 0), size=size),
             p["y.bias"]))
 
 
@@ -357,7 +306,7 @@ def test_deconv_symbolic_pairs_and_size(optimize):
         size = ((h - 1) * 2 + 3 - 1, (w - 1) * 3 + 2 - 1)
         x = rand(n, 3, h, w, seed=h + w)
         assert net(x).shape == (n, 2) + size
-        check_against(net, [x], lambda x, p: add_ref_bias(
+        check_against(net, [x], lambda x, p, size=size: add_bias(
             deconv_by_adjoint(x, p["y.weight"], stride=(2, 3), before=(1, 0), size=size),
             p["y.bias"]))
 
@@ -392,7 +341,7 @@ def tied_reference(x, p, uses=("conv", "deconv")):
     w_conv = w if "conv" in uses else w.detach()
     w_dec = w if "deconv" in uses else w.detach()
     pads = [tf_same_pads(8, 3, 2), tf_same_pads(6, 3, 2)]
-    h = ref_conv(x, w_conv, p["enc.bias"], stride=2, pads=pads)
+    h = conv_by_torch(x, w_conv, p["enc.bias"], stride=2, pad=pads)
     # F.conv_transpose with the same [out, in, k] tensor read as [in, out, k]:
     # full transposed output (9, 7), then the same crop TF uses (before 0).
     full = F.conv_transpose2d(h, w_dec, stride=2)
@@ -426,7 +375,7 @@ def test_tied_deconv_reference_by_adjoint():
 
     def ref(x, p):
         pads = [tf_same_pads(8, 3, 2), tf_same_pads(6, 3, 2)]
-        h = ref_conv(x, p["enc.weight"], p["enc.bias"], stride=2, pads=pads)
+        h = conv_by_torch(x, p["enc.weight"], p["enc.bias"], stride=2, pad=pads)
         r = deconv_by_adjoint(h, p["enc.weight"], stride=(2, 2),
                               before=(pads[0][0], pads[1][0]), size=(8, 6))
         return r + p["r.bias"].view(1, -1, 1, 1)
@@ -462,7 +411,7 @@ net AE(x: f32[N, 2, H, W]) {{
                 else [(0, 0), (0, 0)])
 
         def ref(x, p, pads=pads, hh=hh, ww=ww):
-            h = ref_conv(x, p["h.weight"], p["h.bias"], stride=2, pads=pads)
+            h = conv_by_torch(x, p["h.weight"], p["h.bias"], stride=2, pad=pads)
             r = deconv_by_adjoint(h, p["h.weight"], stride=(2, 2),
                                   before=(pads[0][0], pads[1][0]), size=(hh, ww))
             return r + p["r.bias"].view(1, -1, 1, 1)
@@ -533,7 +482,7 @@ net Net(x: f32[2, 2, 5, 4]) {
     randomize(net, seed=93, scale=0.3)
 
     def ref(x, p):
-        h = ref_conv(x, p["h.weight"], p["h.bias"], pads=[(1, 1), (1, 1)])
+        h = conv_by_torch(x, p["h.weight"], p["h.bias"], pad=[(1, 1), (1, 1)])
         return F.linear(torch.flatten(h, 1), p["y.weight"], p["y.bias"])
     check_against(net, [rand(2, 2, 5, 4, seed=94)], ref)
 

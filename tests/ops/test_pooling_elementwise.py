@@ -7,12 +7,12 @@ compiler itself:
 * PyTorch built-ins where they implement the same definition (F.max_pool*d,
   F.avg_pool*d with count_include_pad=False, F.lp_pool*d for p=2 without
   padding, F.adaptive_max/avg_pool*d, torch.relu, torch.softmax, torch.cat ...);
-* a direct Python loop over the definitions in LANGUAGE.md §6 (`ref_pool`) for
-  what PyTorch lacks: wavgpool, lppool with p != 2 or padding, max/avg with
-  padding larger than PyTorch accepts or asymmetric (before, after) pairs,
-  adaptive lppool/wavgpool, maxout.  The loop is written with differentiable
-  torch ops (stack/max/sum over the gathered window values), so its autograd
-  gives the reference gradient.
+* a direct Python loop over the definitions in LANGUAGE.md §6 (`pool_loop` and
+  `maxout_loop` in tests/reference.py) for what PyTorch lacks: wavgpool, lppool
+  with p != 2 or padding, max/avg with padding larger than PyTorch accepts or
+  asymmetric (before, after) pairs, adaptive lppool/wavgpool, maxout.  The loop
+  is written with differentiable torch ops (stack/max/sum over the gathered
+  window values), so its autograd gives the reference gradient.
 
 Forward values are checked in float32 against the float64 reference; input
 gradients against the reference's autograd; and `torch.autograd.gradcheck`
@@ -21,7 +21,6 @@ runs in float64 (after `net.double()`) on tiny shapes.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -31,6 +30,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import convdsl
+
+from ..cdsl_source import one_input_net, pool_expr
+from ..reference import (
+    adaptive_cells,
+    maxout_loop,
+    per_dim,
+    pool_loop,
+    resolve_pads,
+    window_cells,
+)
 
 F64 = torch.float64
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -72,119 +81,6 @@ def compile_net(src: str, double: bool = False) -> torch.nn.Module:
         net = convdsl.compile(src, backend="torch")
         _NETS[key] = net.double() if double else net
     return _NETS[key]
-
-
-def lit(v) -> str:
-    """A Python value as a .cdsl literal: 3, 0.5, same, (3, 2), (3,), ((1, 2), (0, 1))."""
-    if isinstance(v, (tuple, list)):
-        inner = ", ".join(lit(e) for e in v)
-        return f"({inner},)" if len(v) == 1 else f"({inner})"
-    return str(v)
-
-
-def one_input_net(expr: str, channels: int, spatial, dtype: str = "f32") -> str:
-    dims = ", ".join(["N", str(channels)] + [str(s) for s in spatial])
-    return f"net T(x: {dtype}[{dims}]) {{\n    return {expr}\n}}\n"
-
-
-def pool_expr(kind: str, window=None, stride=None, pad=None, output=None, extra: str = "") -> str:
-    args = ["x"]
-    if window is not None:
-        args.append(lit(window))
-    if stride is not None:
-        args.append(f"stride={lit(stride)}")
-    if pad is not None:
-        args.append(f"pad={lit(pad)}")
-    if output is not None:
-        args.append(f"output={lit(output)}")
-    if extra:
-        args.append(extra)
-    return f"{kind}({', '.join(args)})"
-
-
-# --------------------------------------------------------------------------------------
-# Reference: the definitions as loops
-# --------------------------------------------------------------------------------------
-
-def per_dim(v, d):
-    return (v,) * d if isinstance(v, int) else tuple(v)
-
-
-def tf_same(m: int, k: int, s: int) -> tuple[int, int]:
-    """TensorFlow's `same`: total max((ceil(m/s)-1)*s + k - m, 0), the smaller half before."""
-    total = max((-(-m // s) - 1) * s + k - m, 0)
-    return total // 2, total - total // 2
-
-
-def resolve_pad(pad, sizes, window, stride):
-    d = len(sizes)
-    if pad is None or pad == "valid":
-        return [(0, 0)] * d
-    if pad == "same":
-        return [tf_same(m, k, s) for m, k, s in zip(sizes, window, stride)]
-    pad = per_dim(pad, d)
-    return [(p, p) if isinstance(p, int) else tuple(p) for p in pad]
-
-
-def window_cells(sizes, window, stride=None, pad=None):
-    """Per spatial dim, the (start, length) of each output's window (start < 0: padding)."""
-    d = len(sizes)
-    window = per_dim(window, d)
-    stride = window if stride is None else per_dim(stride, d)
-    cells = []
-    for m, k, s, (before, after) in zip(sizes, window, stride, resolve_pad(pad, sizes, window, stride)):
-        o = (m + before + after - k) // s + 1
-        cells.append([(r * s - before, k) for r in range(o)])
-    return cells
-
-
-def adaptive_cells(sizes, output):
-    """Cell i covers [floor(i*m/a), ceil((i+1)*m/a))."""
-    output = per_dim(output, len(sizes))
-    cells = []
-    for m, a in zip(sizes, output):
-        cells.append([(i * m // a, -(-(i + 1) * m // a) - i * m // a) for i in range(a)])
-    return cells
-
-
-def ref_pool(x: torch.Tensor, kind: str, cells, p: float = 2.0, sigma: float = 1.0) -> torch.Tensor:
-    """Pool `x` [N, C, *m] over the windows `cells` by the definitions; differentiable."""
-    sizes = tuple(x.shape[2:])
-    outs = []
-    for pos in itertools.product(*(range(len(c)) for c in cells)):
-        box = [cells[i][j] for i, j in enumerate(pos)]
-        values, weights = [], []
-        for off in itertools.product(*(range(length) for _, length in box)):
-            idx = tuple(start + q for (start, _), q in zip(box, off))
-            if all(0 <= j < m for j, m in zip(idx, sizes)):  # padding never counts
-                values.append(x[(slice(None), slice(None)) + idx])
-                dist2 = sum((q - (length - 1) / 2) ** 2 for q, (_, length) in zip(off, box))
-                weights.append(math.exp(-dist2 / (2 * sigma**2)))
-        assert values, "a window of padding alone"
-        v = torch.stack(values, -1)
-        if kind == "maxpool":
-            r = v.max(-1).values
-        elif kind == "avgpool":
-            r = v.sum(-1) / len(values)
-        elif kind == "lppool":
-            r = v.abs().pow(p).sum(-1).pow(1.0 / p)
-        elif kind == "wavgpool":
-            w = torch.tensor(weights, dtype=x.dtype)
-            r = (v * w).sum(-1) / w.sum()
-        else:
-            raise AssertionError(kind)
-        outs.append(r)
-    return torch.stack(outs, -1).reshape(*x.shape[:2], *(len(c) for c in cells))
-
-
-def ref_maxout(x: torch.Tensor, k: int) -> torch.Tensor:
-    groups = []
-    for g in range(x.shape[1] // k):
-        run = x[:, g * k]
-        for j in range(1, k):
-            run = torch.maximum(run, x[:, g * k + j])
-        groups.append(run)
-    return torch.stack(groups, 1)
 
 
 # --------------------------------------------------------------------------------------
@@ -369,7 +265,7 @@ def test_windowed_pool_matches_loop(kind, extra, kw, case):
     _, sizes, window, stride, pad = case
     net = compile_net(one_input_net(pool_expr(kind, window, stride, pad, extra=extra), 2, sizes))
     cells = window_cells(sizes, window, stride, pad)
-    check_forward_backward(net, lambda x: ref_pool(x, kind, cells, **kw), distinct(2, 2, *sizes))
+    check_forward_backward(net, lambda x: pool_loop(x, kind, cells, **kw), distinct(2, 2, *sizes))
 
 
 @pytest.mark.parametrize("sizes,output", ADAPTIVE_CASES, ids=lambda v: str(v).replace(" ", ""))
@@ -377,7 +273,7 @@ def test_windowed_pool_matches_loop(kind, extra, kw, case):
 def test_adaptive_pool_matches_loop(kind, extra, kw, sizes, output):
     net = compile_net(one_input_net(pool_expr(kind, output=output, extra=extra), 2, sizes))
     cells = adaptive_cells(sizes, output)
-    check_forward_backward(net, lambda x: ref_pool(x, kind, cells, **kw), distinct(2, 2, *sizes))
+    check_forward_backward(net, lambda x: pool_loop(x, kind, cells, **kw), distinct(2, 2, *sizes))
 
 
 def test_wavgpool_weights_by_hand():
@@ -457,13 +353,13 @@ def test_variable_size_inputs(hw):
     def ref(x):
         h, w = x.shape[2:]
         return (
-            ref_pool(x, "avgpool", adaptive_cells((h, w), (3, 2))),
-            ref_pool(x, "maxpool", adaptive_cells((h, w), (2, 3))),
-            ref_pool(x, "wavgpool", adaptive_cells((h, w), 3), sigma=0.8),
-            ref_pool(x, "lppool", adaptive_cells((h, w), (2, 2)), p=3.0),
-            ref_pool(x, "lppool", window_cells((h, w), 3, 2, "same")),
-            ref_pool(x, "maxpool", window_cells((h, w), 3, 2, "same")),
-            ref_pool(x, "avgpool", window_cells((h, w), 2, 1, ((1, 0), (0, 1)))),
+            pool_loop(x, "avgpool", adaptive_cells((h, w), (3, 2))),
+            pool_loop(x, "maxpool", adaptive_cells((h, w), (2, 3))),
+            pool_loop(x, "wavgpool", adaptive_cells((h, w), 3), sigma=0.8),
+            pool_loop(x, "lppool", adaptive_cells((h, w), (2, 2)), p=3.0),
+            pool_loop(x, "lppool", window_cells((h, w), 3, 2, "same")),
+            pool_loop(x, "maxpool", window_cells((h, w), 3, 2, "same")),
+            pool_loop(x, "avgpool", window_cells((h, w), 2, 1, ((1, 0), (0, 1)))),
         )
 
     outs = check_forward_backward(net, ref, distinct(2, 2, *hw))
@@ -518,7 +414,7 @@ def test_maxpool_nan_1d_and_3d():
     x1 = torch.randn(1, 1, 9)
     x1[0, 0, 4] = math.nan
     out = net1(x1)
-    torch.testing.assert_close(out, ref_pool(x1, "maxpool", window_cells((9,), 3, 2, ((2, 1),))),
+    torch.testing.assert_close(out, pool_loop(x1, "maxpool", window_cells((9,), 3, 2, ((2, 1),))),
                                equal_nan=True)
     assert out.isnan().sum() == 2  # windows [-2,1) [0,3) [2,5) [4,7) [6,9): index 4 is in two
     net3 = compile_net(one_input_net("maxpool(x, 2, stride=1, pad=(1, 0, 1))", 1, (3, 3, 3)))
@@ -538,11 +434,11 @@ def test_maxpool_nan_1d_and_3d():
 @pytest.mark.parametrize("expr,ref", [
     ("avgpool(x, 2)", lambda x: F.avg_pool2d(x, 2)),
     ("avgpool(x, 3, stride=2, pad=((2, 1), (1, 2)))",
-     lambda x: ref_pool(x, "avgpool", window_cells((6, 6), 3, 2, ((2, 1), (1, 2))))),
+     lambda x: pool_loop(x, "avgpool", window_cells((6, 6), 3, 2, ((2, 1), (1, 2))))),
     ("lppool(x, 2)", lambda x: F.lp_pool2d(x, 2.0, 2)),
     ("wavgpool(x, 3, stride=1, pad=1)",
-     lambda x: ref_pool(x, "wavgpool", window_cells((6, 6), 3, 1, 1))),
-    ("wavgpool(x, output=(2, 3))", lambda x: ref_pool(x, "wavgpool", adaptive_cells((6, 6), (2, 3)))),
+     lambda x: pool_loop(x, "wavgpool", window_cells((6, 6), 3, 1, 1))),
+    ("wavgpool(x, output=(2, 3))", lambda x: pool_loop(x, "wavgpool", adaptive_cells((6, 6), (2, 3)))),
 ], ids=["avg", "avg-pad", "lp", "wavg", "wavg-adaptive"])
 @pytest.mark.parametrize("bad", [math.inf, math.nan], ids=["inf", "nan"])
 def test_nonfinite_input_stays_in_its_windows(expr, ref, bad):
@@ -582,7 +478,7 @@ def test_lppool_zero_cell_adaptive_p3():
     out = net(xa)
     out.sum().backward()
     xr = x.double().requires_grad_()
-    want = ref_pool(xr, "lppool", adaptive_cells((4, 5), (2, 2)), p=3.0)
+    want = pool_loop(xr, "lppool", adaptive_cells((4, 5), (2, 2)), p=3.0)
     want[0, 0, 1:, :].sum().backward(retain_graph=True)  # the cells with nonzero values
     want[0, 0, 0, 1].backward()
     assert out[0, 0, 0, 0] == 0 and xa.grad.isfinite().all()
@@ -595,7 +491,7 @@ def test_lppool_zero_cell_adaptive_p3():
 def test_lppool_gradient_away_from_zero_windows_1d_p3():
     """Without zero windows Lp gradients follow the definition (p=3, 1-D)."""
     net = compile_net(one_input_net("lppool(x, 2, p=3)", 1, (6,)))
-    check_forward_backward(net, lambda x: ref_pool(x, "lppool", window_cells((6,), 2), p=3.0),
+    check_forward_backward(net, lambda x: pool_loop(x, "lppool", window_cells((6,), 2), p=3.0),
                            distinct(1, 1, 6))
 
 
@@ -608,26 +504,26 @@ LOW_PRECISION_CASES = [  # (id, expr, sizes, reference on a float32/64 tensor)
     ("maxpool", "maxpool(x, 3, stride=2, pad=1)", (8, 8),
      lambda x: F.max_pool2d(x, 3, 2, 1)),
     ("maxpool-asym", "maxpool(x, 3, stride=1, pad=((2, 0), (1, 2)))", (6, 7),
-     lambda x: ref_pool(x, "maxpool", window_cells((6, 7), 3, 1, ((2, 0), (1, 2))))),
+     lambda x: pool_loop(x, "maxpool", window_cells((6, 7), 3, 1, ((2, 0), (1, 2))))),
     ("avgpool", "avgpool(x, 3, stride=2, pad=1)", (8, 8),
      lambda x: F.avg_pool2d(x, 3, 2, 1, count_include_pad=False)),
     ("lppool", "lppool(x, 2, p=3, pad=1)", (7, 7),
-     lambda x: ref_pool(x, "lppool", window_cells((7, 7), 2, None, 1), p=3.0)),
+     lambda x: pool_loop(x, "lppool", window_cells((7, 7), 2, None, 1), p=3.0)),
     ("wavgpool", "wavgpool(x, 3, stride=2, pad=same, sigma=0.8)", (7, 8),
-     lambda x: ref_pool(x, "wavgpool", window_cells((7, 8), 3, 2, "same"), sigma=0.8)),
+     lambda x: pool_loop(x, "wavgpool", window_cells((7, 8), 3, 2, "same"), sigma=0.8)),
     ("adaptive-max", "maxpool(x, output=(3, 5))", (7, 4),
      lambda x: F.adaptive_max_pool2d(x, (3, 5))),
     ("adaptive-avg", "avgpool(x, output=(3, 5))", (7, 4),
      lambda x: F.adaptive_avg_pool2d(x, (3, 5))),
     ("adaptive-lp", "lppool(x, output=(2, 3))", (5, 7),
-     lambda x: ref_pool(x, "lppool", adaptive_cells((5, 7), (2, 3)))),
+     lambda x: pool_loop(x, "lppool", adaptive_cells((5, 7), (2, 3)))),
     ("adaptive-wavg", "wavgpool(x, output=(3, 2))", (7, 5),
-     lambda x: ref_pool(x, "wavgpool", adaptive_cells((7, 5), (3, 2)))),
+     lambda x: pool_loop(x, "wavgpool", adaptive_cells((7, 5), (3, 2)))),
     ("pool-1d", "avgpool(x, 4, stride=2, pad=((3, 1),))", (9,),
-     lambda x: ref_pool(x, "avgpool", window_cells((9,), 4, 2, ((3, 1),)))),
+     lambda x: pool_loop(x, "avgpool", window_cells((9,), 4, 2, ((3, 1),)))),
     ("pool-3d", "wavgpool(x, 2, pad=(1, 0, 1))", (3, 4, 3),
-     lambda x: ref_pool(x, "wavgpool", window_cells((3, 4, 3), 2, None, (1, 0, 1)))),
-    ("maxout", "maxout(x, pieces=2)", (4, 4), lambda x: ref_maxout(x, 2)),
+     lambda x: pool_loop(x, "wavgpool", window_cells((3, 4, 3), 2, None, (1, 0, 1)))),
+    ("maxout", "maxout(x, pieces=2)", (4, 4), lambda x: maxout_loop(x, 2)),
     ("relu", "relu(x)", (4, 4), torch.relu),
     ("sigmoid", "sigmoid(x)", (4, 4), torch.sigmoid),
     ("tanh", "tanh(x)", (4, 4), torch.tanh),
@@ -669,7 +565,7 @@ def test_reduced_precision_rejects_float32_input():
 ])
 def test_maxout(channels, pieces, sizes):
     src = one_input_net(f"maxout(x, pieces={pieces})", channels, sizes)
-    out = check_forward_backward(compile_net(src), lambda x: ref_maxout(x, pieces),
+    out = check_forward_backward(compile_net(src), lambda x: maxout_loop(x, pieces),
                                  distinct(2, channels, *sizes))[0]
     assert out.shape == (2, channels // pieces, *sizes)
     gradcheck_net(src, distinct(1, channels, *sizes, dtype=F64))
@@ -884,7 +780,7 @@ net M(x: f32[N, 4, 4, 4]) {
 }
 """
     x = distinct(2, 4, 4, 4)
-    ref = lambda x: torch.cat([ref_pool(x[:, :1], "maxpool", window_cells((4, 4), 2, 1, ((1, 0), (0, 1)))),  # noqa: E731
+    ref = lambda x: torch.cat([pool_loop(x[:, :1], "maxpool", window_cells((4, 4), 2, 1, ((1, 0), (0, 1)))),  # noqa: E731
                                x[:, 1:]], 1)
     check_forward_backward(compile_net(src), ref, x)
 
@@ -950,7 +846,7 @@ def pool_configs(draw):
     if pad == "same":  # `same` pads enough for any size
         sizes = tuple(draw(st.integers(1, max_size)) for _ in window)
     else:  # the window must fit the padded input
-        pairs = resolve_pad(pad, (1,) * d, window, stride)
+        pairs = resolve_pads(pad, (1,) * d, window, stride)
         sizes = tuple(draw(st.integers(max(1, k - b - a), max_size)) for k, (b, a) in zip(window, pairs))
     symbolic = draw(st.booleans())  # declare the spatial dims as size symbols
     extra, kw = "", {}
@@ -989,7 +885,7 @@ def test_property_windowed_pooling_matches_loop(config):
     expr = pool_expr(kind, window, stride, pad, extra=extra)
     net = compile_net(one_input_net(expr, 2, _declared(sizes, symbolic)))
     cells = window_cells(sizes, window, stride, pad)
-    check_forward_backward(net, lambda x: ref_pool(x, kind, cells, **kw), distinct(1, 2, *sizes))
+    check_forward_backward(net, lambda x: pool_loop(x, kind, cells, **kw), distinct(1, 2, *sizes))
 
 
 @_PROPERTY
@@ -999,4 +895,4 @@ def test_property_adaptive_pooling_matches_loop(config):
     expr = pool_expr(kind, output=output)
     net = compile_net(one_input_net(expr, 2, _declared(sizes, symbolic)))
     cells = adaptive_cells(sizes, output)
-    check_forward_backward(net, lambda x: ref_pool(x, kind, cells), distinct(1, 2, *sizes))
+    check_forward_backward(net, lambda x: pool_loop(x, kind, cells), distinct(1, 2, *sizes))

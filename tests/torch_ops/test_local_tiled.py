@@ -1,8 +1,6 @@
-"""Tests for convdsl.torch_ops.local against direct loop references (eqs. 9.9, 9.10)."""
+"""Tests for convdsl.torch_ops.local against direct loop references (eqs. 9.9, 9.10;
+tests/reference.py)."""
 
-import itertools
-
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,64 +9,10 @@ from hypothesis import strategies as st
 
 from convdsl.torch_ops.local import extract_patches, local_conv, tiled_conv
 
+from ..ops.helpers import single_thread  # noqa: F401  (autouse: tiny tensors)
+from ..reference import local_loop, out_size, patches_loop, tiled_loop
+
 DT = torch.float64
-
-
-def _out_size(m, k, s, before, after, r=1):
-    return (m + before + after - (r * (k - 1) + 1)) // s + 1
-
-
-def _read(x, n, c, idx):
-    """x[n, c, *idx] or None when idx falls in the padding."""
-    if all(0 <= i < m for i, m in zip(idx, x.shape[2:])):
-        return x[(n, c, *idx)]
-    return None
-
-
-def ref_patches(x, kernel, stride, pads, dilation, fill):
-    x = x.numpy()
-    d = x.ndim - 2
-    o = [_out_size(x.shape[2 + i], kernel[i], stride[i], *pads[i], dilation[i]) for i in range(d)]
-    out = np.empty((*x.shape[:2], *o, *kernel))
-    for n, c in itertools.product(range(x.shape[0]), range(x.shape[1])):
-        for p in itertools.product(*map(range, o)):
-            for q in itertools.product(*map(range, kernel)):
-                idx = [p[i] * stride[i] + q[i] * dilation[i] - pads[i][0] for i in range(d)]
-                v = _read(x, n, c, idx)
-                out[(n, c, *p, *q)] = fill if v is None else v
-    return torch.from_numpy(out)
-
-
-def ref_conv(x, kernel_at, n_out, kernel, stride, pads):
-    """Generic eq. 9.9 loop; kernel_at(p) returns the [out, C, *k] kernel used at position p."""
-    x = x.numpy()
-    d = x.ndim - 2
-    o = [_out_size(x.shape[2 + i], kernel[i], stride[i], *pads[i]) for i in range(d)]
-    out = np.zeros((x.shape[0], n_out, *o))
-    for n, i_out in itertools.product(range(x.shape[0]), range(n_out)):
-        for p in itertools.product(*map(range, o)):
-            w = kernel_at(p)
-            total = 0.0
-            for c in range(x.shape[1]):
-                for q in itertools.product(*map(range, kernel)):
-                    v = _read(x, n, c, [p[i] * stride[i] + q[i] - pads[i][0] for i in range(d)])
-                    if v is not None:
-                        total += v * w[(i_out, c, *q)]
-            out[(n, i_out, *p)] = total
-    return torch.from_numpy(out)
-
-
-def ref_local(x, weight, stride, pads):
-    d = x.dim() - 2
-    w = weight.numpy()
-    return ref_conv(x, lambda p: w[(slice(None), *p)], w.shape[0], w.shape[2 + d :], stride, pads)
-
-
-def ref_tiled(x, weight, stride, pads):
-    d = x.dim() - 2
-    w = weight.numpy()
-    tiles = w.shape[:d]
-    return ref_conv(x, lambda p: w[tuple(pi % t for pi, t in zip(p, tiles))], w.shape[d], w.shape[d + 2 :], stride, pads)
 
 
 CASES = [  # (spatial size, kernel, stride, pads)
@@ -85,12 +29,12 @@ def test_extract_patches_matches_loop(size, kernel, stride, pads, dilated):
     dilation = tuple(2 if dilated and i == 0 else 1 for i in range(len(size)))
     x = torch.randn(2, 3, *size, dtype=DT)
     got = extract_patches(x, kernel, stride, pads, dilation, fill=-7.5)
-    torch.testing.assert_close(got, ref_patches(x, kernel, stride, pads, dilation, -7.5))
+    torch.testing.assert_close(got, patches_loop(x, kernel, stride, pads, dilation, -7.5))
 
 
 def _local_weight(x, n_out, kernel, stride, pads):
     d = x.dim() - 2
-    o = [_out_size(x.shape[2 + i], kernel[i], stride[i], *pads[i]) for i in range(d)]
+    o = [out_size(x.shape[2 + i], kernel[i], stride[i], *pads[i]) for i in range(d)]
     return torch.randn(n_out, *o, x.shape[1], *kernel, dtype=DT)
 
 
@@ -98,7 +42,8 @@ def _local_weight(x, n_out, kernel, stride, pads):
 def test_local_conv_matches_eq_9_9(size, kernel, stride, pads):
     x = torch.randn(2, 3, *size, dtype=DT)
     w = _local_weight(x, 4, kernel, stride, pads)
-    torch.testing.assert_close(local_conv(x, w, stride, pads), ref_local(x, w, stride, pads))
+    want = local_loop(x, w, stride=stride, pad=pads)
+    torch.testing.assert_close(local_conv(x, w, stride, pads), want)
 
 
 @pytest.mark.parametrize("size,kernel,stride,pads", CASES)
@@ -108,7 +53,8 @@ def test_tiled_conv_matches_eq_9_10(size, kernel, stride, pads, tile_count):
     tiles = tuple(tile_count + (i % 2) for i in range(d))  # mixed, usually non-divisors of o
     x = torch.randn(2, 3, *size, dtype=DT)
     w = torch.randn(*tiles, 4, 3, *kernel, dtype=DT)
-    torch.testing.assert_close(tiled_conv(x, w, stride, pads), ref_tiled(x, w, stride, pads))
+    want = tiled_loop(x, w, stride=stride, pad=pads)
+    torch.testing.assert_close(tiled_conv(x, w, stride, pads), want)
 
 
 def test_tiled_single_tile_is_conv2d():
@@ -189,8 +135,10 @@ def test_property_local_and_tiled_match_loops(config):
     size, kernel, stride, pads, tiles, seed = config
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 2, *size, dtype=DT, generator=g)
-    o = [_out_size(size[i], kernel[i], stride[i], *pads[i]) for i in range(len(size))]
+    o = [out_size(size[i], kernel[i], stride[i], *pads[i]) for i in range(len(size))]
     w_local = torch.randn(2, *o, 2, *kernel, dtype=DT, generator=g)
     w_tiled = torch.randn(*tiles, 2, 2, *kernel, dtype=DT, generator=g)
-    torch.testing.assert_close(local_conv(x, w_local, stride, pads), ref_local(x, w_local, stride, pads))
-    torch.testing.assert_close(tiled_conv(x, w_tiled, stride, pads), ref_tiled(x, w_tiled, stride, pads))
+    want = local_loop(x, w_local, stride=stride, pad=pads)
+    torch.testing.assert_close(local_conv(x, w_local, stride, pads), want)
+    want = tiled_loop(x, w_tiled, stride=stride, pad=pads)
+    torch.testing.assert_close(tiled_conv(x, w_tiled, stride, pads), want)

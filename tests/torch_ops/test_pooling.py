@@ -1,9 +1,8 @@
-"""Tests for convdsl.torch_ops.pooling against direct loop references and torch built-ins."""
+"""Tests for convdsl.torch_ops.pooling against direct loop references (tests/reference.py)
+and torch built-ins."""
 
-import itertools
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,56 +11,21 @@ from hypothesis import strategies as st
 
 from convdsl.torch_ops.pooling import adaptive_pool, maxout, pool
 
+from ..ops.helpers import single_thread  # noqa: F401  (autouse: tiny tensors)
+from ..reference import adaptive_cells, pool_loop, window_cells
+
 DT = torch.float64
 KINDS = ["max", "avg", "lp", "wavg"]
 
 
-def _reduce(kind, values, offsets, lengths, p, sigma):
-    """Pool the real `values` of one window; `offsets` are their positions inside it."""
-    values = np.asarray(values)
-    if kind == "max":
-        return values.max()
-    if kind == "avg":
-        return values.mean()
-    if kind == "lp":
-        return (np.abs(values) ** p).sum() ** (1.0 / p)
-    centre = [(n - 1) / 2 for n in lengths]
-    w = np.array([math.exp(-sum((q - c) ** 2 for q, c in zip(off, centre)) / (2 * sigma**2)) for off in offsets])
-    return (w * values).sum() / w.sum()
-
-
-def _pool_loop(x, kind, cells, p, sigma):
-    """cells[i] lists (start, length) per output index along dim i (start may be < 0 = padding)."""
-    x = x.numpy()
-    d = x.ndim - 2
-    out = np.empty((*x.shape[:2], *map(len, cells)))
-    for n, c in itertools.product(range(x.shape[0]), range(x.shape[1])):
-        for pos in itertools.product(*(range(len(cl)) for cl in cells)):
-            starts, lengths = zip(*(cells[i][pos[i]] for i in range(d)))
-            values, offsets = [], []
-            for off in itertools.product(*map(range, lengths)):
-                idx = [s + q for s, q in zip(starts, off)]
-                if all(0 <= j < m for j, m in zip(idx, x.shape[2:])):  # padding never counts
-                    values.append(x[(n, c, *idx)])
-                    offsets.append(off)
-            out[(n, c, *pos)] = _reduce(kind, values, offsets, lengths, p, sigma)
-    return torch.from_numpy(out)
-
-
 def ref_pool(x, kind, window, stride, pads, p=2.0, sigma=1.0):
-    cells = []
-    for i, (k, s, (before, after)) in enumerate(zip(window, stride, pads)):
-        o = (x.shape[2 + i] + before + after - k) // s + 1
-        cells.append([(r * s - before, k) for r in range(o)])
-    return _pool_loop(x, kind, cells, p, sigma)
+    """The loop reference over the windows of this module's (window, stride, pads)."""
+    cells = window_cells(tuple(x.shape[2:]), window, stride, pads)
+    return pool_loop(x, f"{kind}pool", cells, p, sigma)
 
 
 def ref_adaptive(x, kind, output, p=2.0, sigma=1.0):
-    cells = []
-    for i, a in enumerate(output):
-        m = x.shape[2 + i]
-        cells.append([(r * m // a, math.ceil((r + 1) * m / a) - r * m // a) for r in range(a)])
-    return _pool_loop(x, kind, cells, p, sigma)
+    return pool_loop(x, f"{kind}pool", adaptive_cells(tuple(x.shape[2:]), output), p, sigma)
 
 
 def distinct(*shape):

@@ -1,8 +1,8 @@
 """The conv (implicit GEMM) and dense kernel families under Triton's interpreter.
 
-Every forward is compared with an independent reference: F.conv1d/2d/3d on an
-explicitly padded input, a direct loop over a connection table's rows, or
-F.linear — never with convdsl's own torch lowering (except the backward check,
+Every forward is compared with an independent reference (tests/reference.py):
+F.conv1d/2d/3d on an explicitly padded input, a direct loop over a connection
+table's rows, or F.linear — never with convdsl's own torch lowering (except the backward check,
 which compares the two backends' gradients).
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ from convdsl.ir.types import symbol
 from convdsl.triton.families import family
 from convdsl.triton.families.conv import Tile, table_blocks
 
-CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+from ..reference import conv_by_torch, conv_table_loop, flip_kernel
+
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 TOL = {"f32": 1e-4, "f16": 2e-2, "bf16": 8e-2}  # relative to the output's largest value
 
@@ -69,48 +70,8 @@ def triton_net(src: str):
 
 
 def params(net) -> dict:
-    return {k: v.detach() for k, v in net.named_parameters()}
-
-
-def per_dim(v, rank):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * rank
-
-
-def pads_of(pad, sizes, kernel, stride, dilation):
-    """(before, after) per dim, computed here from the language's rules."""
-    pairs = []
-    for i, m in enumerate(sizes):
-        k, s, r = kernel[i], stride[i], dilation[i]
-        keff = r * (k - 1) + 1
-        if pad == "valid":
-            pairs.append((0, 0))
-        elif pad == "full":
-            pairs.append((keff - 1, keff - 1))
-        elif pad == "same":
-            total = max((-(-m // s) - 1) * s + keff - m, 0)
-            pairs.append((total // 2, total - total // 2))
-        else:
-            p = pad[i] if isinstance(pad, tuple) else pad
-            pairs.append(tuple(p) if isinstance(p, tuple) else (p, p))
-    return pairs
-
-
-def ref_conv(x, w, b, *, kernel, stride=1, pad="valid", dilation=1, groups=1, flip=False,
-             bias="channel"):
-    rank = x.dim() - 2
-    kernel, stride, dilation = (per_dim(v, rank) for v in (kernel, stride, dilation))
-    pairs = pads_of(pad, x.shape[2:], kernel, stride, dilation)
-    flat = [v for pair in reversed(pairs) for v in pair]
-    x = F.pad(x.double(), flat)
-    w = w.double()
-    if flip:
-        w = w.flip(list(range(2, 2 + rank)))
-    y = CONV[rank](x, w, None, stride, 0, dilation, groups)
-    if bias == "channel":
-        y = y + b.double().reshape((1, -1) + (1,) * rank)
-    elif bias == "location":
-        y = y + b.double().unsqueeze(0)
-    return y
+    """The net's parameters in float64, for the references."""
+    return {k: v.detach().double() for k, v in net.named_parameters()}
 
 
 def assert_close(got, want, dtype="f32"):
@@ -127,11 +88,10 @@ def check_conv(shape, out, dtype="f32", x=None, **kw):
     y = net(x)
     assert y.dtype == x.dtype
     p = params(net)
-    rank = len(shape) - 2
-    want = ref_conv(x.float(), p["c.weight"], p.get("c.bias"), kernel=per_dim(kw["kernel"], rank),
-                    stride=kw.get("stride", 1), pad=kw.get("pad", "valid"),
-                    dilation=kw.get("dilation", 1), groups=kw.get("groups", 1),
-                    flip=kw.get("flip", False), bias=kw.get("bias", "channel"))
+    w = flip_kernel(p["c.weight"]) if kw.get("flip", False) else p["c.weight"]
+    want = conv_by_torch(x.double(), w, p.get("c.bias"), stride=kw.get("stride", 1),
+                         pad=kw.get("pad", "valid"), dilation=kw.get("dilation", 1),
+                         groups=kw.get("groups", 1), bias=kw.get("bias", "channel"))
     assert_close(y, want, dtype)
     return net, y
 
@@ -189,21 +149,6 @@ def table_src(dtype="f32", bias="channel", flip=False):
             f"flip={fmt(flip)})\n    return c\n}}\n")
 
 
-def loop_table(x, w, b, table, flip=False):
-    """Direct loop: output o sums single-channel convs over the inputs its row lists."""
-    x, w = x.double(), w.double()
-    if flip:
-        w = w.flip([2, 3])
-    xp = F.pad(x, [1, 1, 1, 1])
-    outs = []
-    for o, row in enumerate(table):
-        acc = 0
-        for c in row:
-            acc = acc + F.conv2d(xp[:, c:c + 1], w[o:o + 1, c:c + 1])
-        outs.append(acc + (0 if b is None else b[o].double()))
-    return torch.cat(outs, dim=1)
-
-
 @pytest.mark.parametrize("tiles", [False, True], ids=["cpu-tile", "small-tiles"])
 def test_table(tiles, request):
     if tiles:
@@ -211,7 +156,8 @@ def test_table(tiles, request):
     net = triton_net(table_src(flip=tiles))
     x = torch.randn(1 if tiles else 2, 6, 9, 8)
     p = params(net)
-    assert_close(net(x), loop_table(x, p["c.weight"], p["c.bias"], TABLE, flip=tiles))
+    w = flip_kernel(p["c.weight"]) if tiles else p["c.weight"]
+    assert_close(net(x), conv_table_loop(x.double(), w, TABLE, p["c.bias"], pad="same"))
 
 
 def test_table_weights_outside_do_not_leak():
@@ -222,7 +168,7 @@ def test_table_weights_outside_do_not_leak():
     with torch.no_grad():
         net.c.weight.copy_(torch.where(mask.bool(), net.c.weight, torch.tensor(1000.)))
     x = torch.randn(1, 6, 9, 8)
-    assert_close(net(x), loop_table(x, net.c.weight.detach(), None, TABLE))
+    assert_close(net(x), conv_table_loop(x.double(), params(net)["c.weight"], TABLE, pad="same"))
 
 
 def test_table_blocks_are_unions_and_cost_counts_connections():
@@ -248,7 +194,7 @@ def test_symbolic_sizes_two_sizes():
     p = params(net)
     for shape in [(1, 3, 7, 9), (2, 3, 12, 5)]:
         x = torch.randn(*shape)
-        want = ref_conv(x, p["c.weight"], p["c.bias"], kernel=(3, 3), stride=2, pad="same")
+        want = conv_by_torch(x.double(), p["c.weight"], p["c.bias"], stride=2, pad="same")
         assert_close(net(x), want)
 
 
@@ -295,7 +241,8 @@ def test_int64_indexing(monkeypatch):
     check_dense(3, 20, 5)
     net = triton_net(table_src())
     x = torch.randn(1, 6, 9, 8)
-    assert_close(net(x), loop_table(x, net.c.weight.detach(), net.c.bias.detach(), TABLE))
+    p = params(net)
+    assert_close(net(x), conv_table_loop(x.double(), p["c.weight"], TABLE, p["c.bias"], pad="same"))
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -329,8 +276,7 @@ def check_dense(n, features, out, dtype="f32", bias="channel"):
     net = triton_net(src)
     x = torch.randn(n, features).to(DTYPES[dtype])
     p = params(net)
-    want = F.linear(x.double(), p["d.weight"].double(),
-                    None if bias == "none" else p["d.bias"].double())
+    want = F.linear(x.double(), p["d.weight"], None if bias == "none" else p["d.bias"])
     y = net(x)
     assert y.dtype == x.dtype
     assert_close(y, want, dtype)
@@ -357,8 +303,8 @@ net A(x: f32[N, 3, 8, 8]) {
     net = triton_net(src)
     x = torch.randn(2, 3, 8, 8)
     p = params(net)
-    h = ref_conv(x, p["c.weight"], p["c.bias"], kernel=(3, 3), stride=2, pad="same").relu()
-    assert_close(net(x), F.linear(h.flatten(1), p["d.weight"].double(), p["d.bias"].double()))
+    h = conv_by_torch(x.double(), p["c.weight"], p["c.bias"], stride=2, pad="same").relu()
+    assert_close(net(x), F.linear(h.flatten(1), p["d.weight"], p["d.bias"]))
 
 
 # -- gradients, naming, determinism ------------------------------------------------------------
@@ -403,8 +349,8 @@ def test_layer_named_like_a_keyword(layer):
         assert f"def {layer}" not in source
     x = torch.randn(1, 2, 5, 5)
     p = params(net)
-    h = ref_conv(x, p[f"{layer}.weight"], p[f"{layer}.bias"], kernel=(2, 2))
-    want = F.linear(h.flatten(1), p["dense.weight"].double(), p["dense.bias"].double())
+    h = conv_by_torch(x.double(), p[f"{layer}.weight"], p[f"{layer}.bias"])
+    want = F.linear(h.flatten(1), p["dense.weight"], p["dense.bias"])
     assert_close(net(x), want)
 
 

@@ -2,9 +2,10 @@
 
 Every net runs forward and backward on the triton backend with loss =
 (out * seed).sum(); its input and parameter gradients are compared with an
-independent reference: the same layer built here from F.conv1d/2d/3d (F.pad,
-groups, a flipped kernel, the table's mask, the factors' outer product)
-under PyTorch autograd — never with convdsl's own torch lowering.
+independent reference: the same layer built from tests/reference.py
+(F.conv1d/2d/3d on an explicitly padded input with groups, a flipped kernel,
+the factors' outer product; the loop over a connection table's rows) under
+PyTorch autograd — never with convdsl's own torch lowering.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import pathlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import convdsl
 from convdsl.ir.types import symbol
@@ -21,7 +21,8 @@ from convdsl.triton import aot
 from convdsl.triton.families import conv_grad, family
 from convdsl.triton.families.conv import Tile
 
-CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+from ..reference import conv_by_torch, conv_table_loop, flip_kernel, outer_kernel
+
 DTYPES = {"f32": torch.float32, "f16": torch.float16}
 TOL = {"f32": 1e-4, "f16": 2e-2}  # relative to the largest reference value
 OURS = ("_conv_dx", "_conv_dw", "_bias_grad")
@@ -60,7 +61,7 @@ def many_splits(monkeypatch):
                         [{"channel": (16, 16), "location": (16, 16), "tiled": (16, 16)}])
 
 
-# -- the reference --------------------------------------------------------------------------
+# -- nets and the reference ------------------------------------------------------------------
 
 def fmt(v) -> str:
     if isinstance(v, (tuple, list)) and len(v) == 1:
@@ -72,61 +73,25 @@ def fmt(v) -> str:
     return str(v)
 
 
-def per_dim(v, rank):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * rank
-
-
-def pads_of(pad, sizes, kernel, stride, dilation):
-    """(before, after) per dim, computed here from the language's rules."""
-    pairs = []
-    for i, m in enumerate(sizes):
-        keff = dilation[i] * (kernel[i] - 1) + 1
-        if pad == "valid":
-            pairs.append((0, 0))
-        elif pad == "full":
-            pairs.append((keff - 1, keff - 1))
-        elif pad == "same":
-            total = max((-(-m // stride[i]) - 1) * stride[i] + keff - m, 0)
-            pairs.append((total // 2, total - total // 2))
-        else:
-            p = pad[i] if isinstance(pad, tuple) else pad
-            pairs.append(tuple(p) if isinstance(p, tuple) else (p, p))
-    return pairs
-
-
-def outer(factors):
-    """The separable kernel [out, in, k_1, ..., k_d] as an einsum of its factors."""
-    letters = "pqr"[:len(factors)]  # o and c name the channels
-    spec = ",".join(f"oc{a}" for a in letters) + f"->oc{letters}"
-    return torch.einsum(spec, *factors)
-
-
-def ref_layer(x, p, layer, op="conv", out=None, kernel=3, stride=1, pad="valid", dilation=1,
-              groups=1, multiplier=1, connect=None, flip=False, separable=False,
-              bias="channel"):
+def ref_layer(x, p, layer, *, op="conv", connect=None, flip=False, separable=False, stride=1,
+              pad="valid", dilation=1, groups=1, bias="channel", **_):
+    """The layer `c = op(x, ...)` of net_source, from the references in
+    tests/reference.py (out, kernel and multiplier are the weights' shapes)."""
     rank = x.dim() - 2
-    kernel, stride, dilation = (per_dim(v, rank) for v in (kernel, stride, dilation))
-    if op == "depthwise":
-        groups = x.shape[1]
     if separable:
-        w = outer([p[f"{layer}.weight_{d}"] for d in range(rank)])
+        w = outer_kernel([p[f"{layer}.weight_{d}"] for d in range(rank)])
     else:
         w = p[f"{layer}.weight"]
-    if connect is not None:
-        mask = torch.zeros(w.shape[:2])
-        for o, row in enumerate(connect):
-            mask[o, list(row)] = 1.0
-        w = w * mask.reshape(mask.shape + (1,) * rank)
     if flip:
-        w = w.flip(list(range(2, 2 + rank)))
-    pairs = pads_of(pad, x.shape[2:], kernel, stride, dilation)
-    xp = F.pad(x, [v for pair in reversed(pairs) for v in pair])
-    y = CONV[rank](xp, w, None, stride, 0, dilation, groups)
-    if bias == "channel":
-        y = y + p[f"{layer}.bias"].reshape((1, -1) + (1,) * rank)
-    elif bias == "location":
-        y = y + p[f"{layer}.bias"].unsqueeze(0)
-    return y
+        w = flip_kernel(w)
+    b = p.get(f"{layer}.bias")
+    if connect is not None:
+        return conv_table_loop(x, w, connect, b, stride=stride, pad=pad, dilation=dilation,
+                               bias=bias)
+    if op == "depthwise":
+        groups = x.shape[1]
+    return conv_by_torch(x, w, b, stride=stride, pad=pad, dilation=dilation, groups=groups,
+                         bias=bias)
 
 
 def net_source(shape, layer_kw, dtype="f32") -> str:

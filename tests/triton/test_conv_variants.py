@@ -1,38 +1,39 @@
 """Triton kernels of the conv variants — depthwise, separable, local (eq. 9.9),
 tiled (eq. 9.10) and deconv (eq. 9.12–9.14) — run under the interpreter and
-compared with references written independently of convdsl: F.conv*d with
-groups (depthwise), F.conv*d with the outer-product kernel (separable), direct
-loops over the book's equations (local, tiled), F.conv_transpose*d cropped or
-zero-extended, and the adjoint identity <conv(z), y> = <z, deconv(y)> (deconv).
+compared with references written independently of convdsl (tests/reference.py):
+F.conv*d with groups (depthwise), F.conv*d with the outer-product kernel
+(separable), direct loops over the book's equations (local, tiled),
+F.conv_transpose*d cropped or zero-extended, and the adjoint identity
+<conv(z), y> = <z, deconv(y)> (deconv).
 
 The interpreter is slow: shapes are small but chosen to straddle the tiles
 (the CPU tiles are clamped to the problem, so e.g. W = 70 > 64 gives two W tiles).
 """
 from __future__ import annotations
 
-import itertools
+import functools
 import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import convdsl
 from convdsl.triton.families import family
 
-from ..ops.helpers import (  # noqa: F401  (single_thread: autouse fixture)
+from ..ops.helpers import randomize, single_thread  # noqa: F401  (autouse fixture)
+from ..reference import (
     CONV,
-    CONV_T,
-    add_ref_bias,
-    keff,
-    loop_windowed,
+    conv_by_torch,
+    conv_table_loop,
+    deconv_by_transpose,
+    flip_kernel,
+    local_loop,
     outer_kernel,
     pad_nd,
-    randomize,
-    single_thread,
     tf_same_pads,
+    tiled_loop,
 )
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -44,10 +45,6 @@ def fmt(v) -> str:
     if isinstance(v, (tuple, list)):
         return "(" + ", ".join(fmt(i) for i in v) + ")"
     return str(v)
-
-
-def per_dim(v, rank):
-    return tuple(v) if isinstance(v, tuple) else (v,) * rank
 
 
 def source(stmt: str, channels: int, spatial, dtype="f32", tables="") -> str:
@@ -77,35 +74,29 @@ def check(actual: torch.Tensor, expected: torch.Tensor, dtype=torch.float32):
     torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol)
 
 
-def window_pads(pad, spatial, kernel, stride, dilation=None):
-    rank = len(spatial)
-    kernel, stride = per_dim(kernel, rank), per_dim(stride, rank)
-    dilation = per_dim(dilation or 1, rank)
-    if pad == "valid":
-        return [(0, 0)] * rank
-    if pad == "same":
-        return [tf_same_pads(m, k, s, r) for m, k, s, r in zip(spatial, kernel, stride, dilation)]
-    if pad == "full":
-        return [(keff(k, r) - 1,) * 2 for k, r in zip(kernel, dilation)]
-    return [(p, p) if isinstance(p, int) else tuple(p) for p in per_dim(pad, rank)]
-
-
 def run(net, x):
     with torch.no_grad():
         return net(x)
 
 
+def check_layer(op, reference, shape, out, dtype="f32", seed=0, channels_last=False, **kw):
+    """`y = op(x, out, **kw)` on the triton backend against reference(x, params, **kw)."""
+    stmt = f"{op}(x, {out}" + "".join(f", {k}={fmt(v)}" for k, v in kw.items()) + ")"
+    net, p = build(source(stmt, shape[1], shape[2:], dtype), seed)
+    x = rand(shape, seed + 1, DTYPES[dtype])
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    check(run(net, x), reference(x, p, **kw), DTYPES[dtype])
+    return net
+
+
 # -- depthwise ------------------------------------------------------------------------------
 
-def depthwise_ref(x, p, *, kernel, stride=1, pad="valid", dilation=1, flip=False, bias="channel"):
-    rank = x.dim() - 2
-    w = p["y.weight"]
-    if flip:
-        w = w.flip(list(range(2, 2 + rank)))
-    pads = window_pads(pad, tuple(x.shape[2:]), kernel, stride, dilation)
-    y = CONV[rank](pad_nd(x.double(), pads), w, None, stride=per_dim(stride, rank),
-                   dilation=per_dim(dilation, rank), groups=x.shape[1])
-    return add_ref_bias(y, p.get("y.bias"), bias)
+def depthwise_ref(x, p, *, stride=1, pad="valid", dilation=1, flip=False, bias="channel", **_):
+    """depthwise(x, ...): a grouped conv with one group per input channel."""
+    w = flip_kernel(p["y.weight"]) if flip else p["y.weight"]
+    return conv_by_torch(x.double(), w, p.get("y.bias"), stride=stride, pad=pad,
+                         dilation=dilation, groups=x.shape[1], bias=bias)
 
 
 def check_depthwise(shape, dtype="f32", seed=0, channels_last=False, **kw):
@@ -179,21 +170,17 @@ def test_random_small_depthwise(data):
 
 # -- separable ------------------------------------------------------------------------------
 
-def separable_ref(x, p, *, kernel, stride=1, pad="valid", dilation=1, groups=1, flip=False,
-                  bias="channel", table=None):
+def separable_ref(x, p, *, stride=1, pad="valid", dilation=1, groups=1, flip=False,
+                  bias="channel", table=None, **_):
+    """conv(x, ..., separable=true): the conv with the factors' outer-product kernel."""
     rank = x.dim() - 2
     w = outer_kernel([p[f"y.weight_{d}"] for d in range(rank)])
+    w = flip_kernel(w) if flip else w
     if table is not None:
-        mask = torch.zeros(w.shape[:2], dtype=w.dtype)
-        for o, row in enumerate(table):
-            mask[o, list(row)] = 1.0
-        w = w * mask.reshape(mask.shape + (1,) * rank)
-    if flip:
-        w = w.flip(list(range(2, 2 + rank)))
-    pads = window_pads(pad, tuple(x.shape[2:]), kernel, stride, dilation)
-    y = CONV[rank](pad_nd(x.double(), pads), w, None, stride=per_dim(stride, rank),
-                   dilation=per_dim(dilation, rank), groups=groups)
-    return add_ref_bias(y, p.get("y.bias"), bias)
+        return conv_table_loop(x.double(), w, table, p.get("y.bias"), stride=stride, pad=pad,
+                               dilation=dilation, bias=bias)
+    return conv_by_torch(x.double(), w, p.get("y.bias"), stride=stride, pad=pad,
+                         dilation=dilation, groups=groups, bias=bias)
 
 
 def check_separable(shape, out, dtype="f32", seed=0, channels_last=False, table=None, **kw):
@@ -266,28 +253,12 @@ def test_separable_cost_is_one_dimensional():
 
 # -- local (eq. 9.9) ------------------------------------------------------------------------
 
-def local_ref(x, p, *, kernel, stride=1, pad="valid", bias="location"):
-    """Z[n, i, p] = Σ_{l, q} V[n, l, p·s + q] · W[i, p, l, q]   (eq. 9.9)."""
-    rank = x.dim() - 2
-    k, s = per_dim(kernel, rank), per_dim(stride, rank)
-    xp = pad_nd(x.double(), window_pads(pad, tuple(x.shape[2:]), k, s))
-    w = p["y.weight"]
-    o = tuple(w.shape[1:1 + rank])
-
-    def contrib(pos, q, xs):
-        return xs @ w[(slice(None),) + pos + (slice(None),) + q].T
-    y = loop_windowed(xp, o, k, s, (1,) * rank, contrib)
-    return add_ref_bias(y, p.get("y.bias"), bias)
+def local_ref(x, p, *, stride=1, pad="valid", bias="location", **_):
+    return local_loop(x.double(), p["y.weight"], p.get("y.bias"), stride=stride, pad=pad,
+                      bias=bias)
 
 
-def check_local(shape, out, dtype="f32", seed=0, channels_last=False, **kw):
-    stmt = f"local(x, {out}" + "".join(f", {k}={fmt(v)}" for k, v in kw.items()) + ")"
-    net, p = build(source(stmt, shape[1], shape[2:], dtype), seed)
-    x = rand(shape, seed + 1, DTYPES[dtype])
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    check(run(net, x), local_ref(x, p, **kw), DTYPES[dtype])
-    return net
+check_local = functools.partial(check_layer, "local", local_ref)
 
 
 LOCAL_CASES = [
@@ -320,33 +291,12 @@ def test_local_channels_last():
 
 # -- tiled (eq. 9.10) -----------------------------------------------------------------------
 
-def tiled_ref(x, p, *, kernel, tiles, stride=1, pad="valid", bias="tiled"):
-    """Z[n, i, p] = Σ_{l, q} V[n, l, p·s + q] · W[p mod t, i, l, q]   (eq. 9.10)."""
-    rank = x.dim() - 2
-    k, s, t = per_dim(kernel, rank), per_dim(stride, rank), per_dim(tiles, rank)
-    xp = pad_nd(x.double(), window_pads(pad, tuple(x.shape[2:]), k, s))
-    w = p["y.weight"]
-    o = tuple((m - kk) // ss + 1 for m, kk, ss in zip(xp.shape[2:], k, s))
-
-    def contrib(pos, q, xs):
-        tile = tuple(a % b for a, b in zip(pos, t))
-        return xs @ w[tile + (slice(None), slice(None)) + q].T
-    y = loop_windowed(xp, o, k, s, (1,) * rank, contrib)
-    b = p.get("y.bias")
-    if bias == "tiled":
-        for pos in itertools.product(*(range(v) for v in o)):
-            tile = tuple(a % c for a, c in zip(pos, t))
-            y[(slice(None), slice(None)) + pos] += b[tile]
-        return y
-    return add_ref_bias(y, b, bias)
+def tiled_ref(x, p, *, stride=1, pad="valid", bias="tiled", **_):
+    return tiled_loop(x.double(), p["y.weight"], p.get("y.bias"), stride=stride, pad=pad,
+                      bias=bias)
 
 
-def check_tiled(shape, out, dtype="f32", seed=0, **kw):
-    stmt = f"tiled(x, {out}" + "".join(f", {k}={fmt(v)}" for k, v in kw.items()) + ")"
-    net, p = build(source(stmt, shape[1], shape[2:], dtype), seed)
-    x = rand(shape, seed + 1, DTYPES[dtype])
-    check(run(net, x), tiled_ref(x, p, **kw), DTYPES[dtype])
-    return net
+check_tiled = functools.partial(check_layer, "tiled", tiled_ref)
 
 
 TILED_CASES = [
@@ -382,41 +332,12 @@ def test_tiled_half(dtype):
 
 # -- deconv (eq. 9.12-9.14) -----------------------------------------------------------------
 
-def deconv_ref(x, p, *, kernel, stride=1, pad=0, dilation=1, size=None, bias="channel"):
-    """F.conv_transpose*d (the full transposed output), then cropped from each
-    dim's start (zero-extended past its end) to `size`."""
-    rank = x.dim() - 2
-    k, s, r = per_dim(kernel, rank), per_dim(stride, rank), per_dim(dilation, rank)
-    full = CONV_T[rank](x.double(), p["y.weight"], None, stride=s, dilation=r)
-    m = tuple(x.shape[2:])
-    if pad == "same":
-        natural = tuple(a * b for a, b in zip(m, s))
-    else:
-        pairs = window_pads(pad, m, k, s, r) if pad != "valid" else [(0, 0)] * rank
-        natural = tuple((a - 1) * b + keff(kk, rr) - lo - hi
-                        for a, b, kk, rr, (lo, hi) in zip(m, s, k, r, pairs))
-    size = per_dim(size, rank) if size is not None else natural
-    for axis in range(rank):
-        if pad == "same":   # TensorFlow's transpose rule: crop the excess, smaller half first
-            start = max((m[axis] - 1) * s[axis] + keff(k[axis], r[axis]) - size[axis], 0) // 2
-        else:
-            start = pairs[axis][0]
-        dim = axis + 2
-        have = full.shape[dim] - start
-        if have < size[axis]:
-            full = F.pad(full, [0, 0] * (rank - 1 - axis) + [0, size[axis] - have])
-        full = full.narrow(dim, start, size[axis])
-    return add_ref_bias(full, p.get("y.bias"), bias)
+def deconv_ref(x, p, *, stride=1, pad=0, dilation=1, size=None, bias="channel", **_):
+    return deconv_by_transpose(x.double(), p["y.weight"], p.get("y.bias"), stride=stride,
+                               pad=pad, dilation=dilation, size=size, bias=bias)
 
 
-def check_deconv(shape, out, dtype="f32", seed=0, channels_last=False, **kw):
-    stmt = f"deconv(x, {out}" + "".join(f", {k}={fmt(v)}" for k, v in kw.items()) + ")"
-    net, p = build(source(stmt, shape[1], shape[2:], dtype), seed)
-    x = rand(shape, seed + 1, DTYPES[dtype])
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    check(run(net, x), deconv_ref(x, p, **kw), DTYPES[dtype])
-    return net
+check_deconv = functools.partial(check_layer, "deconv", deconv_ref)
 
 
 DECONV_CASES = [

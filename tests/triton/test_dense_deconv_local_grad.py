@@ -2,14 +2,13 @@
 
 Each net runs with backend="triton"; the loss is (out * seed).sum(), and the
 input and parameter gradients are compared with an independent reference
-under PyTorch autograd, written here: F.linear; F.conv_transpose1d/2d/3d
-cropped or zero-extended by the language's rules for deconv; an unfold +
-einsum over eq. 9.9 for local, and eq. 9.10 for tiled (each position's
-kernel picked by p mod t) — never convdsl's own torch lowering.
+under PyTorch autograd (tests/reference.py): F.linear; F.conv_transpose1d/2d/3d
+cropped or zero-extended by the language's rules for deconv; direct loops over
+eq. 9.9 for local and eq. 9.10 for tiled (each position's kernel picked by
+p mod t) — never convdsl's own torch lowering.
 """
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -21,8 +20,8 @@ from convdsl.triton.families import dense_grad, family
 from convdsl.triton.families.conv import Tile
 from convdsl.triton.families.dense_grad import SplitK
 
-CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+from ..reference import conv_by_torch, deconv_by_transpose, local_loop, tiled_loop
+
 TOL = {"f32": 1e-4, "f16": 2e-2}  # relative to the reference's largest value
 DTYPES = {"f32": torch.float32, "f16": torch.float16}
 OURS = ("_dense_dx", "_dense_dw", "_deconv_dx", "_deconv_dw", "_local_dx", "_local_dw",
@@ -61,10 +60,6 @@ def fmt(v) -> str:
     if isinstance(v, (tuple, list)):
         return "(" + ", ".join(fmt(i) for i in v) + ")"
     return str(v)
-
-
-def per_dim(v, rank):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * rank
 
 
 def one_layer(x_type: str, layer: str) -> str:
@@ -123,35 +118,6 @@ def check_gradients(net, x, reference, x_grad: bool, dtype="f32"):
     return net._program._backward[key]
 
 
-def pads_of(pad, sizes, kernel, stride):
-    """(before, after) per dim from the language's rules (TensorFlow's `same`)."""
-    rank = len(sizes)
-    kernel, stride = per_dim(kernel, rank), per_dim(stride, rank)
-    if pad == "valid":
-        return [(0, 0)] * rank
-    if pad == "full":
-        return [(k - 1, k - 1) for k in kernel]
-    if pad == "same":
-        out = []
-        for m, k, s in zip(sizes, kernel, stride):
-            total = max((-(-m // s) - 1) * s + k - m, 0)
-            out.append((total // 2, total - total // 2))
-        return out
-    return [(p, p) if isinstance(p, int) else tuple(p) for p in per_dim(pad, rank)]
-
-
-def zero_pad(x, pairs):
-    return F.pad(x, [v for pair in reversed(pairs) for v in pair])
-
-
-def add_bias(y, bias, mode):
-    if bias is None or mode == "none":
-        return y
-    if mode == "channel":
-        return y + bias.view(1, -1, *([1] * (y.dim() - 2)))
-    return y + bias.unsqueeze(0)  # location
-
-
 # -- dense ---------------------------------------------------------------------------------------
 
 def dense_reference(x, p):
@@ -191,39 +157,11 @@ def test_dense_in_a_deeper_net():
 
 # -- deconv --------------------------------------------------------------------------------------
 
-def deconv_geometry(spatial, kernel, stride, pad, dilation, size):
-    """(start, size) per dim: where the output sits inside the full transposed conv."""
-    rank = len(spatial)
-    k, s, r = (per_dim(v, rank) for v in (kernel, stride, dilation))
-    keff = [rr * (kk - 1) + 1 for kk, rr in zip(k, r)]
-    full = [(m - 1) * ss + ke for m, ss, ke in zip(spatial, s, keff)]
-    if pad == "same":
-        natural = tuple(m * ss for m, ss in zip(spatial, s))
-        sizes = per_dim(size, rank) if size is not None else natural
-        starts = [max(f - sz, 0) // 2 for f, sz in zip(full, sizes)]
-        return starts, sizes
-    pairs = pads_of(pad if pad != 0 else "valid", spatial, k, s)
-    natural = tuple(f - b - a for f, (b, a) in zip(full, pairs))
-    sizes = per_dim(size, rank) if size is not None else natural
-    return [b for b, _ in pairs], sizes
-
-
-def deconv_reference(spatial, kernel, stride, pad, dilation, size, bias="none", name="y"):
-    rank = len(spatial)
-    starts, sizes = deconv_geometry(spatial, kernel, stride, pad, dilation, size)
-
-    def ref(x, p):
-        full = CONV_T[rank](x, p[f"{name}.weight"], stride=per_dim(stride, rank),
-                            dilation=per_dim(dilation, rank))
-        for axis, (start, sz) in enumerate(zip(starts, sizes)):
-            dim = 2 + axis
-            missing = start + sz - full.shape[dim]
-            if missing > 0:  # past the last tap: zeros
-                full = torch.cat([full, full.new_zeros(*full.shape[:dim], missing,
-                                                       *full.shape[dim + 1:])], dim)
-            full = full.narrow(dim, start, sz)
-        return add_bias(full, p.get(f"{name}.bias"), bias)
-    return ref
+def deconv_reference(stride, pad, dilation=1, size=None, bias="none", name="y"):
+    """reference(x, p) of the layer `name = deconv(x, ...)`."""
+    return lambda x, p: deconv_by_transpose(x, p[f"{name}.weight"], p.get(f"{name}.bias"),
+                                            stride=stride, pad=pad, dilation=dilation, size=size,
+                                            bias=bias)
 
 
 DECONV_CASES = [
@@ -245,7 +183,7 @@ def test_deconv_gradients(rank, cin, spatial, out, kernel, stride, pad, dilation
     layer = (f"deconv(x, {out}, kernel={fmt(kernel)}, stride={fmt(stride)}, pad={fmt(pad)}, "
              f"dilation={fmt(dilation)}, bias=none{size_arg})")
     net = triton_net(one_layer(decl("f32", (2, cin) + spatial), layer))
-    ref = deconv_reference(spatial, kernel, stride, pad, dilation, size)
+    ref = deconv_reference(stride, pad, dilation, size)
     check_gradients(net, rand(2, cin, *spatial), ref, True)
 
 
@@ -256,7 +194,7 @@ def test_deconv_symbolic_sizes(x_grad):
                                "deconv(x, 2, kernel=3, stride=2, pad=same, bias=none)"))
     for n, h, w in ((1, 3, 4), (2, 5, 2)):
         net.zero_grad()
-        ref = deconv_reference((h, w), 3, 2, "same", 1, None)
+        ref = deconv_reference(2, "same")
         check_gradients(net, rand(n, 3, h, w, seed=h), ref, x_grad)
 
 
@@ -265,14 +203,14 @@ def test_deconv_tiles_and_split_k(small_tiles, split_k):
     2 x 4 x 5 = 40 reduction rows in slices of 32."""
     layer = "deconv(x, 2, kernel=3, stride=2, pad=1, bias=channel)"
     net = triton_net(one_layer(decl("f32", (2, 20, 4, 5)), layer))
-    ref = deconv_reference((4, 5), 3, 2, 1, 1, None, bias="channel")
+    ref = deconv_reference(2, 1, bias="channel")
     check_gradients(net, rand(2, 20, 4, 5), ref, True)
 
 
 def test_deconv_f16():
     layer = "deconv(x, 3, kernel=(2, 3), stride=2, pad=same, bias=none)"
     net = triton_net(one_layer(decl("f16", (2, 4, 3, 4)), layer))
-    ref = deconv_reference((3, 4), (2, 3), 2, "same", 1, None)
+    ref = deconv_reference(2, "same")
     check_gradients(net, rand(2, 4, 3, 4, dtype=torch.float16), ref, True, "f16")
 
 
@@ -289,9 +227,9 @@ def tied_reference(x, p, uses=("conv", "deconv")):
     w = p["enc.weight"]
     w_conv = w if "conv" in uses else w.detach()
     w_dec = w if "deconv" in uses else w.detach()
-    h = CONV[2](zero_pad(x, pads_of("same", (8, 6), 3, 2)), w_conv, stride=2)
+    h = conv_by_torch(x, w_conv, stride=2, pad="same")
     # the deconv reads the conv's [out, in, k] weight as its [in, out, k]
-    return deconv_reference((4, 3), 3, 2, "same", 1, None, name="enc")(h, {"enc.weight": w_dec})
+    return deconv_by_transpose(h, w_dec, stride=2, pad="same")
 
 
 def test_tied_autoencoder_accumulates_both_uses():
@@ -312,46 +250,6 @@ def test_tied_autoencoder_accumulates_both_uses():
 
 # -- local (eq. 9.9) and tiled (eq. 9.10) --------------------------------------------------------
 
-def patches(x, kernel, stride, pairs):
-    """[N, C, *o, *k]: the zero-padded input under each output's window."""
-    rank = x.dim() - 2
-    t = zero_pad(x, pairs)
-    for axis in range(rank):
-        t = t.unfold(2 + axis, kernel[axis], stride[axis])
-    return t
-
-
-def local_einsum(x, weight, kernel, stride, pairs):
-    """Z[n, o, p] = Σ_{c, q} x_pad[n, c, p·s + q] · W[o, p, c, q]   (eq. 9.9)."""
-    rank = x.dim() - 2
-    o, k = "xyz"[:rank], "uvw"[:rank]
-    return torch.einsum(f"nc{o}{k},i{o}c{k}->ni{o}", patches(x, kernel, stride, pairs), weight)
-
-
-def local_reference(spatial, kernel, stride, pad):
-    rank = len(spatial)
-    k, s = per_dim(kernel, rank), per_dim(stride, rank)
-    pairs = pads_of(pad, spatial, k, s)
-    return lambda x, p: local_einsum(x, p["y.weight"], k, s, pairs)
-
-
-def tiled_reference(spatial, kernel, tiles, stride, pad):
-    """Eq. 9.10: position p uses kernel stack p mod t — the per-position
-    weight built by indexing, then eq. 9.9."""
-    rank = len(spatial)
-    k, t, s = per_dim(kernel, rank), per_dim(tiles, rank), per_dim(stride, rank)
-
-    def ref(x, p):
-        pairs = pads_of(pad, tuple(x.shape[2:]), k, s)
-        w = p["y.weight"]  # [*t, out, in, *k]
-        outs = patches(x, k, s, pairs).shape[2:2 + rank]
-        per_position = torch.stack([w[tuple(pi % ti for pi, ti in zip(pos, t))]
-                                    for pos in itertools.product(*map(range, outs))], 1)
-        per_position = per_position.reshape(w.shape[rank], *outs, *w.shape[rank + 1:])
-        return local_einsum(x, per_position, k, s, pairs)
-    return ref
-
-
 LOCAL_CASES = [
     # rank, C, spatial, out, kernel, stride, pad
     (1, 2, (7,), 3, 3, 1, "valid"),
@@ -368,14 +266,15 @@ def test_local_gradients(rank, c, spatial, out, kernel, stride, pad):
     layer = (f"local(x, {out}, kernel={fmt(kernel)}, stride={fmt(stride)}, pad={fmt(pad)}, "
              f"bias=none)")
     net = triton_net(one_layer(decl("f32", (2, c) + spatial), layer))
-    check_gradients(net, rand(2, c, *spatial), local_reference(spatial, kernel, stride, pad), True)
+    check_gradients(net, rand(2, c, *spatial),
+                    lambda x, p: local_loop(x, p["y.weight"], stride=stride, pad=pad), True)
 
 
 def test_local_weight_only_and_tiles(small_tiles):
     """No input gradient; 18 input channels x 4 taps on 16-wide tiles."""
     layer = "local(x, 17, kernel=2, bias=none)"
     net = triton_net(one_layer(decl("f32", (3, 18, 3, 3)), layer))
-    program = check_gradients(net, rand(3, 18, 3, 3), local_reference((3, 3), 2, 1, "valid"),
+    program = check_gradients(net, rand(3, 18, 3, 3), lambda x, p: local_loop(x, p["y.weight"]),
                               False)
     assert [p.family for p in program.plans] == ["local_dw"]
 
@@ -396,8 +295,8 @@ def test_tiled_gradients(rank, c, spatial, out, kernel, tiles, stride, pad):
     layer = (f"tiled(x, {out}, kernel={fmt(kernel)}, tiles={fmt(tiles)}, stride={fmt(stride)}, "
              f"pad={fmt(pad)}, bias=none)")
     net = triton_net(one_layer(decl("f32", (2, c) + spatial), layer))
-    ref = tiled_reference(spatial, kernel, tiles, stride, pad)
-    check_gradients(net, rand(2, c, *spatial), ref, True)
+    check_gradients(net, rand(2, c, *spatial),
+                    lambda x, p: tiled_loop(x, p["y.weight"], stride=stride, pad=pad), True)
 
 
 @pytest.mark.parametrize("x_grad", [True, False], ids=["dx", "no-dx"])
@@ -408,21 +307,23 @@ def test_tiled_symbolic_sizes(x_grad):
     for n, h, w in ((1, 5, 7), (2, 8, 4)):
         net.zero_grad()
         check_gradients(net, rand(n, 2, h, w, seed=h),
-                        tiled_reference((h, w), 3, (2, 3), (1, 2), "same"), x_grad)
+                        lambda x, p: tiled_loop(x, p["y.weight"], stride=(1, 2), pad="same"),
+                        x_grad)
 
 
 def test_tiled_split_k_and_tiles(small_tiles, split_k):
     """Each tile's reduction: 3 samples x 4 x 5 positions = 60 rows, in slices of 32."""
     layer = "tiled(x, 3, kernel=3, tiles=2, pad=same, bias=none)"
     net = triton_net(one_layer(decl("f32", (3, 6, 8, 10)), layer))
-    check_gradients(net, rand(3, 6, 8, 10), tiled_reference((8, 10), 3, 2, 1, "same"), True)
+    check_gradients(net, rand(3, 6, 8, 10), lambda x, p: tiled_loop(x, p["y.weight"], pad="same"),
+                    True)
 
 
 def test_tiled_f16():
     layer = "tiled(x, 3, kernel=2, tiles=2, pad=same, bias=none)"
     net = triton_net(one_layer(decl("f16", (2, 3, 5, 4)), layer))
     check_gradients(net, rand(2, 3, 5, 4, dtype=torch.float16),
-                    tiled_reference((5, 4), 2, 2, 1, "same"), True, "f16")
+                    lambda x, p: tiled_loop(x, p["y.weight"], pad="same"), True, "f16")
 
 
 # -- int64 indexing -----------------------------------------------------------------------------
@@ -438,10 +339,11 @@ def test_int64_index_path(monkeypatch, split_k):
     check_gradients(net, rand(40, 20), dense_reference, True)
     net = triton_net(one_layer(decl("f32", (2, 3, 4, 5)),
                                "deconv(x, 2, kernel=3, stride=2, pad=1, bias=none)"))
-    check_gradients(net, rand(2, 3, 4, 5), deconv_reference((4, 5), 3, 2, 1, 1, None), True)
+    check_gradients(net, rand(2, 3, 4, 5), deconv_reference(2, 1), True)
     net = triton_net(one_layer(decl("f32", (3, 2, 6, 7)),
                                "tiled(x, 2, kernel=2, tiles=2, stride=(1, 2), bias=none)"))
-    check_gradients(net, rand(3, 2, 6, 7), tiled_reference((6, 7), 2, 2, (1, 2), "valid"), True)
+    check_gradients(net, rand(3, 2, 6, 7), lambda x, p: tiled_loop(x, p["y.weight"], stride=(1, 2)),
+                    True)
 
 
 # -- ahead of time -------------------------------------------------------------------------------

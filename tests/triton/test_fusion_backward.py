@@ -28,6 +28,8 @@ from convdsl.triton.families.conv import Tile
 from convdsl.triton.families.epilogue import epilogue_of, epilogue_signature
 from convdsl.triton.loader import load_kernel
 
+from ..reference import conv_by_torch, conv_table_loop, outer_kernel
+
 TABLE = ((0, 1), (1, 2), (2, 3), (0, 3), (0, 1, 2, 3), (1,))  # 6 outputs over 4 inputs
 TABLE_SRC = "table T = [[0, 1], [1, 2], [2, 3], [0, 3], [0, 1, 2, 3], [1]]\n"
 
@@ -49,24 +51,20 @@ def small_tiles(monkeypatch):
     monkeypatch.setitem(family("dense_dx").CONFIGS, "cpu", [Tile(16, 16, 16, 1, 1)])
 
 
-# -- independent references (torch.nn.functional only) ---------------------------------------
+# -- independent references (tests/reference.py) ----------------------------------------------
 
 def conv(x, p, name, stride=1, pad=0, groups=1, connect=None, separable=False):
-    """F.conv1d/2d/3d; a table masks the dense weight, separable multiplies the factors."""
+    """The layer `name = conv(x, ...)`: F.conv on a padded input, the loop over a
+    connection table's rows, the factors' outer product for separable."""
     rank = x.dim() - 2
     if separable:
-        letters = "pqr"[:rank]
-        spec = ",".join(f"oc{a}" for a in letters) + f"->oc{letters}"
-        w = torch.einsum(spec, *(p[f"{name}.weight_{d}"] for d in range(rank)))
+        w = outer_kernel([p[f"{name}.weight_{d}"] for d in range(rank)])
     else:
         w = p[f"{name}.weight"]
+    b = p.get(f"{name}.bias")
     if connect is not None:
-        mask = torch.zeros(w.shape[:2], dtype=w.dtype)
-        for o, row in enumerate(connect):
-            mask[o, list(row)] = 1.0
-        w = w * mask.reshape(mask.shape + (1,) * rank)
-    op = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[rank]
-    return op(x, w, p.get(f"{name}.bias"), stride, pad, 1, groups)
+        return conv_table_loop(x, w, connect, b, stride=stride, pad=pad)
+    return conv_by_torch(x, w, b, stride=stride, pad=pad, groups=groups)
 
 
 def dense(x, p, name):

@@ -23,6 +23,8 @@ from convdsl.ir.types import symbol
 from convdsl.ops import OPS
 from convdsl.triton.families import family
 
+from ..reference import outer_kernel
+
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 TOL = {"f32": 1e-4, "f16": 2e-2, "bf16": 5e-2}  # relative to the largest reference value
 
@@ -44,7 +46,7 @@ def conv2d(x, p, name, pad=0, groups=1, stride=1):
 
 def separable2d(x, p, name, pad=0, groups=1):
     """A separable=true conv: kernel[o, c] = weight_0[o, c] (H) ⊗ weight_1[o, c] (W)."""
-    w = torch.einsum("ocy,ocx->ocyx", p[f"{name}.weight_0"], p[f"{name}.weight_1"])
+    w = outer_kernel([p[f"{name}.weight_0"], p[f"{name}.weight_1"]])
     return F.conv2d(x, w, p.get(f"{name}.bias"), 1, pad, 1, groups)
 
 

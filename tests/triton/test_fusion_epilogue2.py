@@ -2,8 +2,8 @@
 gradient (`_pool_dx` + activation derivative), under Triton's interpreter.
 
 Every fused net is checked three ways, forward and backward: against an
-independent reference written with torch.nn.functional ops and autograd (never
-convdsl's torch lowering), against the same net compiled without the optimizer
+independent reference written with torch.nn.functional ops, the loops of
+tests/reference.py and autograd (never convdsl's torch lowering), against the same net compiled without the optimizer
 (optimize=False: one kernel per op), and by kernel count — the fused program
 must launch fewer kernels. The inference variant (under no_grad: nothing
 stored) and the training variant (intermediates the backward pass reads are
@@ -20,72 +20,16 @@ from convdsl.ir.types import symbol
 from convdsl.triton.families import family
 
 from ..ops.helpers import randomize, single_thread  # noqa: F401  (autouse fixture)
+from ..reference import (
+    conv_by_torch,
+    deconv_by_transpose,
+    local_loop,
+    pool_loop,
+    tiled_loop,
+    window_cells,
+)
 
 MINE = ("deconv", "local", "tiled", "pool_dx")
-
-
-# -- independent references (F.* only) ---------------------------------------------------------
-
-def same_pads(m: int, k: int, s: int) -> tuple[int, int]:
-    """TensorFlow's `same` padding of a window k, stride s over m inputs."""
-    total = max((-(-m // s) - 1) * s + k - m, 0)
-    return total // 2, total - total // 2
-
-
-def deconv_same(x, w, b, stride: int, size=None):
-    """Transpose conv with TF `same` cropping: the full F.conv_transpose2d output
-    cropped (smaller half first) or zero-extended to `size` (default m * stride)."""
-    k = w.shape[-1]
-    full = F.conv_transpose2d(x, w, None, stride=stride)
-    m = x.shape[2:]
-    size = size or tuple(a * stride for a in m)
-    for axis, (a, want) in enumerate(zip(m, size)):
-        start = max((a - 1) * stride + k - want, 0) // 2
-        dim = axis + 2
-        have = full.shape[dim] - start
-        if have < want:
-            full = F.pad(full, [0, 0] * (1 - axis) + [0, want - have])
-        full = full.narrow(dim, start, want)
-    return full + b.view(1, -1, 1, 1)
-
-
-def local_ref(x, w, b, kernel: int, stride: int):
-    """Locally connected (eq. 9.9), valid padding: w [out, OH, OW, C, k, k], b [out, OH, OW]."""
-    out, oh, ow = w.shape[:3]
-    cols = F.unfold(x, kernel, stride=stride)  # [N, C*k*k, OH*OW]
-    y = torch.einsum("nkl,olk->nol", cols, w.reshape(out, oh * ow, -1))
-    return y.reshape(x.shape[0], out, oh, ow) + b.unsqueeze(0)
-
-
-def tiled_ref(x, w, b, kernel: int, tiles: int, bias: str):
-    """Tiled convolution (eq. 9.10), `same` padding, stride 1: w [t, t, out, C, k, k];
-    bias tiled ([t, t, out]) or channel ([out])."""
-    h, wd = x.shape[2:]
-    (top, bottom), (left, right) = same_pads(h, kernel, 1), same_pads(wd, kernel, 1)
-    cols = F.unfold(F.pad(x, (left, right, top, bottom)), kernel)  # [N, C*k*k, H*W]
-    rows = torch.arange(h).repeat_interleave(wd)
-    columns = torch.arange(wd).repeat(h)
-    tile = (rows % tiles) * tiles + columns % tiles  # each output position's kernel stack
-    out = w.shape[2]
-    per_position = w.reshape(tiles * tiles, out, -1)[tile]  # [H*W, out, C*k*k]
-    y = torch.einsum("nkl,lok->nol", cols, per_position)
-    if bias == "tiled":
-        y = y + b.reshape(tiles * tiles, out)[tile].T.unsqueeze(0)
-    else:
-        y = y + b.view(1, -1, 1)
-    return y.reshape(x.shape[0], out, h, wd)
-
-
-def conv_ref(x, p, name, pad):
-    return F.conv2d(x, p[f"{name}.weight"], p[f"{name}.bias"], padding=pad)
-
-
-def lp2_pool(h, window: int):
-    """L2 pooling, sqrt(sum x^2) per window; an all-zero window is 0 and passes no
-    gradient (as the language defines it; torch's lp_pool2d gives NaN there)."""
-    total = F.avg_pool2d(h * h, window) * window * window
-    nonzero = total > 0
-    return torch.where(nonzero, torch.where(nonzero, total, 1.0).sqrt(), 0.0)
 
 
 # -- the nets ------------------------------------------------------------------------------------
@@ -101,39 +45,42 @@ EPILOGUE_CASES = {
         net_source("x: f32[N, 3, 4, 5]",
                    "    y = relu(deconv(x, 4, kernel=3, stride=2, pad=same))\n    return y"),
         {"x": (2, 3, 4, 5)},
-        lambda i, p: F.relu(deconv_same(i["x"], p["y.weight"], p["y.bias"], 2)),
+        lambda i, p: F.relu(deconv_by_transpose(i["x"], p["y.weight"], p["y.bias"], stride=2,
+                                                pad="same")),
         "deconv", False),
     "deconv+sigmoid": (  # size= past the natural output, as the autoencoder's last layer
         net_source("x: f32[N, 2, 4, 4]",
                    "    y = sigmoid(deconv(x, 1, kernel=3, stride=2, pad=same, size=(7, 8)))\n"
                    "    return y"),
         {"x": (2, 2, 4, 4)},
-        lambda i, p: torch.sigmoid(deconv_same(i["x"], p["y.weight"], p["y.bias"], 2, (7, 8))),
+        lambda i, p: torch.sigmoid(deconv_by_transpose(i["x"], p["y.weight"], p["y.bias"],
+                                                       stride=2, pad="same", size=(7, 8))),
         "deconv", False),
     "deconv+add+elu": (  # a residual operand; elu's derivative reads its input: kept
         net_source("x: f32[N, 3, 4, 5], s: f32[N, 2, 8, 10]",
                    "    y = elu(deconv(x, 2, kernel=3, stride=2, pad=same) + s)\n    return y"),
         {"x": (2, 3, 4, 5), "s": (2, 2, 8, 10)},
-        lambda i, p: F.elu(deconv_same(i["x"], p["y.weight"], p["y.bias"], 2) + i["s"]),
+        lambda i, p: F.elu(deconv_by_transpose(i["x"], p["y.weight"], p["y.bias"], stride=2,
+                                               pad="same") + i["s"]),
         "deconv", True),
     "local+relu": (
         net_source("x: f32[N, 3, 5, 6]",
                    "    y = relu(local(x, 4, kernel=3, stride=2))\n    return y"),
         {"x": (2, 3, 5, 6)},
-        lambda i, p: F.relu(local_ref(i["x"], p["y.weight"], p["y.bias"], 3, 2)),
+        lambda i, p: F.relu(local_loop(i["x"], p["y.weight"], p["y.bias"], stride=2)),
         "local", False),
     "local+softplus": (  # softplus's derivative reads its input: kept
         net_source("x: f32[N, 2, 4, 5]",
                    "    y = softplus(local(x, 3, kernel=2, stride=2))\n    return y"),
         {"x": (2, 2, 4, 5)},
-        lambda i, p: F.softplus(local_ref(i["x"], p["y.weight"], p["y.bias"], 2, 2)),
+        lambda i, p: F.softplus(local_loop(i["x"], p["y.weight"], p["y.bias"], stride=2)),
         "local", True),
     "tiled+relu": (
         net_source("x: f32[N, 2, 5, 6]",
                    "    y = relu(tiled(x, 3, kernel=3, tiles=2, pad=same, bias=tiled))\n"
                    "    return y"),
         {"x": (2, 2, 5, 6)},
-        lambda i, p: F.relu(tiled_ref(i["x"], p["y.weight"], p["y.bias"], 3, 2, "tiled")),
+        lambda i, p: F.relu(tiled_loop(i["x"], p["y.weight"], p["y.bias"], pad="same")),
         "tiled", False),
     "tiled+scalar+sub+tanh": (  # three epilogue steps, a residual as the second operand
         net_source("x: f32[N, 2, 5, 6], s: f32[N, 3, 5, 6]",
@@ -141,7 +88,7 @@ EPILOGUE_CASES = {
                    "    return y"),
         {"x": (2, 2, 5, 6), "s": (2, 3, 5, 6)},
         lambda i, p: torch.tanh(
-            tiled_ref(i["x"], p["y.weight"], p["y.bias"], 3, 2, "tiled") * 0.5 - i["s"]),
+            tiled_loop(i["x"], p["y.weight"], p["y.bias"], pad="same") * 0.5 - i["s"]),
         "tiled", False),
 }
 
@@ -152,13 +99,14 @@ POOL_CASES = {
         net_source("x: f32[N, 3, 8, 8]",
                    "    h = relu(conv(x, 4, kernel=3, pad=1))\n    return maxpool(h, 2)"),
         (2, 3, 8, 8),
-        lambda x, p: F.max_pool2d(F.relu(conv_ref(x, p, "h", 1)), 2),
+        lambda x, p: F.max_pool2d(F.relu(conv_by_torch(x, p["h.weight"], p["h.bias"], pad=1)), 2),
         "relu_dx"),
     "conv+tanh+avgpool": (
         net_source("x: f32[N, 3, 8, 8]",
                    "    h = tanh(conv(x, 4, kernel=3, pad=1))\n    return avgpool(h, 2)"),
         (2, 3, 8, 8),
-        lambda x, p: F.avg_pool2d(torch.tanh(conv_ref(x, p, "h", 1)), 2),
+        lambda x, p: F.avg_pool2d(torch.tanh(conv_by_torch(x, p["h.weight"], p["h.bias"], pad=1)),
+                                  2),
         "tanh_dx"),
     # overlapping windows at stride 1: too much recomputation for forward pool fusion,
     # so conv+relu and maxpool run apart; the gradient is fused all the same
@@ -167,21 +115,26 @@ POOL_CASES = {
                    "    h = relu(conv(x, 4, kernel=3, pad=1))\n"
                    "    return maxpool(h, 3, stride=1, pad=1)"),
         (2, 3, 7, 7),
-        lambda x, p: F.max_pool2d(F.relu(conv_ref(x, p, "h", 1)), 3, stride=1, padding=1),
+        lambda x, p: F.max_pool2d(F.relu(conv_by_torch(x, p["h.weight"], p["h.bias"], pad=1)), 3,
+                                  stride=1, padding=1),
         "relu_dx"),
     "tiled+relu+lppool": (
         net_source("x: f32[N, 2, 6, 6]",
                    "    h = relu(tiled(x, 4, kernel=3, tiles=2, pad=same))\n"
                    "    return lppool(h, 2, p=2)"),
         (2, 2, 6, 6),
-        lambda x, p: lp2_pool(F.relu(tiled_ref(x, p["h.weight"], p["h.bias"], 3, 2, "tiled")), 2),
+        # the language's L2 pooling: an all-zero window (relu leaves some) is 0 and passes no
+        # gradient, where F.lp_pool2d gives NaN
+        lambda x, p: pool_loop(F.relu(tiled_loop(x, p["h.weight"], p["h.bias"], pad="same")),
+                               "lppool", window_cells((6, 6), 2)),
         "relu_dx"),
     "deconv+relu+avgpool": (  # windows over the padding: it is not counted
         net_source("x: f32[N, 3, 4, 5]",
                    "    h = relu(deconv(x, 4, kernel=3, stride=2, pad=same))\n"
                    "    return avgpool(h, 3, stride=2, pad=1)"),
         (2, 3, 4, 5),
-        lambda x, p: F.avg_pool2d(F.relu(deconv_same(x, p["h.weight"], p["h.bias"], 2)), 3,
+        lambda x, p: F.avg_pool2d(F.relu(deconv_by_transpose(x, p["h.weight"], p["h.bias"],
+                                                             stride=2, pad="same")), 3,
                                   stride=2, padding=1, count_include_pad=False),
         "relu_dx"),
 }
@@ -219,7 +172,7 @@ def run_with_grad(net, inputs: dict):
 
 
 def reference_with_grad(reference, inputs: dict, params: dict):
-    """The F.* reference in float64 with autograd: output and gradients."""
+    """The reference in float64 with autograd: output and gradients."""
     leaves = {k: v.double().requires_grad_(True) for k, v in inputs.items()}
     p = {k: v.double().requires_grad_(True) for k, v in params.items()}
     y = reference(leaves, p)
@@ -309,8 +262,10 @@ def test_bf16_epilogue():
     with torch.no_grad():
         y = fused(*inputs.values())
     assert y.dtype == torch.bfloat16
-    want = F.relu(deconv_same(inputs["x"].double(), params["y.weight"].to(torch.bfloat16).double(),
-                              params["y.bias"].double(), 2) + inputs["s"].double())
+    want = F.relu(deconv_by_transpose(inputs["x"].double(),
+                                      params["y.weight"].to(torch.bfloat16).double(),
+                                      params["y.bias"].double(), stride=2, pad="same")
+                  + inputs["s"].double())
     torch.testing.assert_close(y.double(), want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))
 
 

@@ -6,13 +6,11 @@ lowering of the same op: PyTorch built-ins where they implement the same
 definition (F.max_pool*d, F.avg_pool*d with count_include_pad=False,
 F.lp_pool*d for p=2 without padding, F.adaptive_max/avg_pool*d, torch.softmax,
 torch.log_softmax, torch.cat, torch.amax), and direct float64 loops over the
-definitions (LANGUAGE.md §6) for what PyTorch lacks: wavgpool, lppool with
-padding or p != 2, asymmetric or large padding, adaptive lp/wavg, maxout.
+definitions (LANGUAGE.md §6, tests/reference.py) for what PyTorch lacks:
+wavgpool, lppool with padding or p != 2, asymmetric or large padding, adaptive
+lp/wavg, maxout.
 """
 from __future__ import annotations
-
-import itertools
-import math
 
 import pytest
 import torch
@@ -25,6 +23,9 @@ from convdsl.triton.aot import compile_program
 from convdsl.triton.families import concat as concat_family
 from convdsl.triton.families import pool as pool_family
 from convdsl.triton.families import softmax as softmax_family
+
+from ..cdsl_source import one_input_net, pool_expr
+from ..reference import adaptive_cells, maxout_loop, per_dim, pool_loop, window_cells
 
 F64 = torch.float64
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -69,113 +70,9 @@ def compile_net(src: str, backend: str = "triton") -> torch.nn.Module:
     return _NETS[key]
 
 
-def lit(v) -> str:
-    """A Python value as a .cdsl literal: 3, same, (3, 2), (3,), ((1, 2), (0, 1))."""
-    if isinstance(v, (tuple, list)):
-        inner = ", ".join(lit(e) for e in v)
-        return f"({inner},)" if len(v) == 1 else f"({inner})"
-    return str(v)
-
-
-def one_input_net(expr: str, channels: int, spatial, dtype: str = "f32") -> str:
-    dims = ", ".join(["N", str(channels)] + [str(s) for s in spatial])
-    return f"net T(x: {dtype}[{dims}]) {{\n    return {expr}\n}}\n"
-
-
-def pool_expr(kind: str, window=None, stride=None, pad=None, output=None, extra: str = "") -> str:
-    args = ["x"]
-    if window is not None:
-        args.append(lit(window))
-    if stride is not None:
-        args.append(f"stride={lit(stride)}")
-    if pad is not None:
-        args.append(f"pad={lit(pad)}")
-    if output is not None:
-        args.append(f"output={lit(output)}")
-    if extra:
-        args.append(extra)
-    return f"{kind}({', '.join(args)})"
-
-
 # --------------------------------------------------------------------------------------
-# References: the definitions as loops (float64)
+# Comparing with a float64 reference
 # --------------------------------------------------------------------------------------
-
-def per_dim(v, d):
-    return (v,) * d if isinstance(v, int) else tuple(v)
-
-
-def tf_same(m: int, k: int, s: int) -> tuple[int, int]:
-    """TensorFlow's `same`: total max((ceil(m/s)-1)*s + k - m, 0), the smaller half before."""
-    total = max((-(-m // s) - 1) * s + k - m, 0)
-    return total // 2, total - total // 2
-
-
-def window_cells(sizes, window, stride=None, pad=None):
-    """Per spatial dim, the (start, length) of each output's window (start < 0: padding)."""
-    d = len(sizes)
-    window = per_dim(window, d)
-    stride = window if stride is None else per_dim(stride, d)
-    if pad is None:
-        pads = [(0, 0)] * d
-    elif pad == "same":
-        pads = [tf_same(m, k, s) for m, k, s in zip(sizes, window, stride)]
-    else:
-        pads = [(p, p) if isinstance(p, int) else tuple(p) for p in per_dim(pad, d)]
-    cells = []
-    for m, k, s, (before, after) in zip(sizes, window, stride, pads):
-        o = (m + before + after - k) // s + 1
-        cells.append([(r * s - before, k) for r in range(o)])
-    return cells
-
-
-def adaptive_cells(sizes, output):
-    """Cell i covers [floor(i*m/a), ceil((i+1)*m/a))."""
-    cells = []
-    for m, a in zip(sizes, per_dim(output, len(sizes))):
-        cells.append([(i * m // a, -(-(i + 1) * m // a) - i * m // a) for i in range(a)])
-    return cells
-
-
-def ref_pool(x: torch.Tensor, kind: str, cells, p: float = 2.0, sigma: float = 1.0):
-    """Pool x [N, C, *m] over the windows `cells` by the definitions, in float64."""
-    x = x.to(F64)
-    sizes = tuple(x.shape[2:])
-    outs = []
-    for pos in itertools.product(*(range(len(c)) for c in cells)):
-        box = [cells[i][j] for i, j in enumerate(pos)]
-        values, weights = [], []
-        for off in itertools.product(*(range(length) for _, length in box)):
-            idx = tuple(start + q for (start, _), q in zip(box, off))
-            if all(0 <= j < m for j, m in zip(idx, sizes)):  # padding never counts
-                values.append(x[(slice(None), slice(None)) + idx])
-                dist2 = sum((q - (length - 1) / 2) ** 2 for q, (_, length) in zip(off, box))
-                weights.append(dist2)
-        v = torch.stack(values, -1)
-        if kind == "maxpool":
-            r = torch.where(v.isnan().any(-1), float("nan"), v.max(-1).values)
-        elif kind == "avgpool":
-            r = v.mean(-1)
-        elif kind == "lppool":
-            r = v.abs().pow(p).sum(-1).pow(1.0 / p)
-        else:  # wavgpool: exp(-d^2 / 2 sigma^2), shifted by the nearest real tap, normalised
-            d2 = torch.tensor(weights, dtype=F64)
-            w = torch.exp(-(d2 - d2.min()) / (2 * sigma**2))
-            r = (v * w).sum(-1) / w.sum()
-        outs.append(r)
-    return torch.stack(outs, -1).reshape(*x.shape[:2], *(len(c) for c in cells))
-
-
-def ref_maxout(x: torch.Tensor, k: int) -> torch.Tensor:
-    groups = []
-    for g in range(x.shape[1] // k):
-        run = x[:, g * k].to(F64)
-        for j in range(1, k):
-            nxt = x[:, g * k + j].to(F64)
-            run = torch.where(run.isnan() | (run >= nxt), run, nxt)
-        groups.append(run)
-    return torch.stack(groups, 1)
-
 
 def check(out, ref, dtype=torch.float32):
     assert out.dtype == dtype
@@ -262,7 +159,7 @@ def test_pool_matches_definition(case):
     x = torch.randn(2, 2, *sizes)
     p = float(extra[2:]) if extra.startswith("p=") else 2.0
     sigma = float(extra[6:]) if extra.startswith("sigma=") else 1.0
-    ref = ref_pool(x, kind, window_cells(sizes, window, stride, pad), p=p, sigma=sigma)
+    ref = pool_loop(x.to(F64), kind, window_cells(sizes, window, stride, pad), p=p, sigma=sigma)
     check(net(x), ref)
 
 
@@ -270,7 +167,7 @@ def test_lp_of_zero_window_is_zero():
     net = compile_net(one_input_net(pool_expr("lppool", 2, extra="p=3.0"), 1, (4, 4)))
     x = torch.zeros(1, 1, 4, 4)
     x[0, 0, 0, 0] = 2.0
-    check(net(x), ref_pool(x, "lppool", window_cells((4, 4), 2), p=3.0))
+    check(net(x), pool_loop(x.to(F64), "lppool", window_cells((4, 4), 2), p=3.0))
 
 
 # --------------------------------------------------------------------------------------
@@ -299,7 +196,7 @@ def test_adaptive(kind, case):
     elif kind == "avgpool":
         ref = _TORCH_AAVG[d](x.to(F64), output)
     else:
-        ref = ref_pool(x, kind, adaptive_cells(sizes, output), p=3.0, sigma=0.8)
+        ref = pool_loop(x.to(F64), kind, adaptive_cells(sizes, output), p=3.0, sigma=0.8)
     check(net(x), ref)
 
 
@@ -311,7 +208,7 @@ def test_symbolic_sizes_same_pad_at_two_sizes():
     net = compile_net(one_input_net(pool_expr("avgpool", 3, 2, "same"), 2, ("H", "W")))
     for shape in [(2, 2, 7, 9), (1, 2, 10, 5)]:
         x = torch.randn(*shape)
-        ref = ref_pool(x, "avgpool", window_cells(shape[2:], 3, 2, "same"))
+        ref = pool_loop(x.to(F64), "avgpool", window_cells(shape[2:], 3, 2, "same"))
         check(net(x), ref)
 
 
@@ -320,7 +217,8 @@ def test_symbolic_sizes_adaptive_at_two_sizes():
                                     ("H", "W")))
     for shape in [(2, 2, 7, 9), (1, 2, 2, 5)]:
         x = torch.randn(*shape)
-        check(net(x), ref_pool(x, "wavgpool", adaptive_cells(shape[2:], (3, 2)), sigma=0.6))
+        ref = pool_loop(x.to(F64), "wavgpool", adaptive_cells(shape[2:], (3, 2)), sigma=0.6)
+        check(net(x), ref)
 
 
 def test_nan_propagates_through_max_pooling():
@@ -341,7 +239,7 @@ def test_half_precision(kind, dtype):
     net = compile_net(one_input_net(pool_expr(kind, 3, 2, 1), 3, (9, 8), dtype))
     x = torch.randn(2, 3, 9, 8).to(DTYPES[dtype])
     out = net(x)
-    check(out, ref_pool(x, kind, window_cells((9, 8), 3, 2, 1)), DTYPES[dtype])
+    check(out, pool_loop(x.to(F64), kind, window_cells((9, 8), 3, 2, 1)), DTYPES[dtype])
 
 
 @pytest.mark.parametrize("d", [1, 2, 3])
@@ -352,7 +250,7 @@ def test_channels_last_input(d):
     xc = channels_last(x)
     assert xc.stride(1) == 1
     out = net(xc)
-    check(out, ref_pool(x, "maxpool", window_cells(sizes, 3, 2, 1)))
+    check(out, pool_loop(x.to(F64), "maxpool", window_cells(sizes, 3, 2, 1)))
     assert out.stride(1) == 1  # channels-last in, channels-last out, as torch's pooling
 
 
@@ -360,7 +258,7 @@ def test_non_contiguous_input():
     net = compile_net(one_input_net(pool_expr("avgpool", 2), 3, ("H", "W")))
     base = torch.randn(2, 3, 12, 10)
     x = base[:, :, ::2, 1:]  # strided view
-    check(net(x), ref_pool(x, "avgpool", window_cells(tuple(x.shape[2:]), 2)))
+    check(net(x), pool_loop(x.to(F64), "avgpool", window_cells(tuple(x.shape[2:]), 2)))
 
 
 def test_block_boundaries(monkeypatch):
@@ -370,7 +268,7 @@ def test_block_boundaries(monkeypatch):
     net = compile_net(one_input_net(expr, 3, ("H", "W")))
     for shape in [(1, 3, 8, 8), (1, 3, 5, 13), (5, 3, 1, 13)]:  # 192 = 3 * 64, 195, 195
         x = torch.randn(*shape)
-        check(net(x), ref_pool(x, "wavgpool", window_cells(shape[2:], 3, 1, 1), sigma=0.9))
+        check(net(x), pool_loop(x.to(F64), "wavgpool", window_cells(shape[2:], 3, 1, 1), sigma=0.9))
 
 
 def test_block_boundary_default_config():
@@ -393,8 +291,9 @@ def test_index_64_path(monkeypatch):
 """
     net = compile_net(src)
     x = torch.randn(2, 4, 7, 6)
-    a = ref_pool(x, "wavgpool", window_cells((7, 6), 3, 2, 1), sigma=0.7)
-    b = ref_maxout(ref_pool(x, "maxpool", window_cells((7, 6), 2, 2, ((1, 0), (0, 1)))), 2)
+    a = pool_loop(x.to(F64), "wavgpool", window_cells((7, 6), 3, 2, 1), sigma=0.7)
+    b = maxout_loop(pool_loop(x.to(F64), "maxpool",
+                              window_cells((7, 6), 2, 2, ((1, 0), (0, 1)))), 2)
     check(net(x), torch.softmax(torch.cat([a, b], 1), 1))
 
 
@@ -407,7 +306,7 @@ def test_index_64_path(monkeypatch):
 def test_maxout(channels, pieces, sizes):
     net = compile_net(one_input_net(f"maxout(x, pieces={pieces})", channels, sizes))
     x = torch.randn(2, channels, *sizes)
-    check(net(x), ref_maxout(x, pieces))
+    check(net(x), maxout_loop(x.to(F64), pieces))
 
 
 def test_maxout_nan_channels_last_and_half():
@@ -420,7 +319,7 @@ def test_maxout_nan_channels_last_and_half():
     assert out.isnan().sum() == 2 and out.stride(1) == 1
     net16 = compile_net(one_input_net("maxout(x, pieces=3)", 6, (4,), "bf16"))
     x = torch.randn(2, 6, 4).bfloat16()
-    check(net16(x), ref_maxout(x, 3), torch.bfloat16)
+    check(net16(x), maxout_loop(x.to(F64), 3), torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------
@@ -540,7 +439,8 @@ def test_pool_property(config):
     extra = {"lppool": "p=2.5", "wavgpool": "sigma=0.9"}.get(kind, "")
     net = compile_net(one_input_net(pool_expr(kind, window, stride, pad, extra=extra), 2, sizes))
     x = torch.randn(1, 2, *sizes)
-    check(net(x), ref_pool(x, kind, window_cells(sizes, window, stride, pad), p=2.5, sigma=0.9))
+    ref = pool_loop(x.to(F64), kind, window_cells(sizes, window, stride, pad), p=2.5, sigma=0.9)
+    check(net(x), ref)
 
 
 @HYPOTHESIS
@@ -553,7 +453,7 @@ def test_adaptive_property(batch, sizes, output, kind):
     net = compile_net(one_input_net(pool_expr(kind, output=tuple(output), extra=extra), 2,
                                     ["H", "W", "D"][:len(sizes)]))
     x = torch.randn(batch, 2, *sizes)
-    check(net(x), ref_pool(x, kind, adaptive_cells(sizes, output), p=2.0, sigma=1.1))
+    check(net(x), pool_loop(x.to(F64), kind, adaptive_cells(sizes, output), p=2.0, sigma=1.1))
 
 
 @HYPOTHESIS
