@@ -199,6 +199,7 @@ def _print_after(args, passes) -> int:
 def cmd_run(args) -> int:
     import torch
 
+    from .bench import concrete_shape
     from .checks import TORCH_DTYPES
     from .limits import max_tensor_elements
 
@@ -209,15 +210,7 @@ def cmd_run(args) -> int:
     inputs = []
     for node_id in graph.inputs:
         declared = graph.node(node_id).types[0]
-        shape = []
-        for d in declared.shape:
-            if d.is_Integer:
-                shape.append(int(d))
-            elif str(d) in sizes:
-                shape.append(sizes[str(d)])
-            else:
-                raise UsageError(f"input '{graph.node(node_id).attrs['name']}' needs size {d}: "
-                                 f"pass --shape {d}=...")
+        shape = concrete_shape(graph, node_id, sizes)
         if math.prod(shape) > max_tensor_elements():  # refuse before torch tries to allocate
             raise UsageError(f"input '{graph.node(node_id).attrs['name']}' of shape {shape} is too "
                              f"large to make up ({math.prod(shape):,} elements)")

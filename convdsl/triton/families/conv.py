@@ -263,6 +263,18 @@ def conv_operands(x, weight, params, attrs, channels, block_n, table_blocks) -> 
     return pointers, extra_strides
 
 
+def conv_operand_signature(attrs, pointer: str, packed: bool) -> dict:
+    """The ahead-of-time types of conv_operands' list (x, the weight, the bias, a
+    table's block lists): the weight in the input's dtype when a GPU launch
+    packs it, else fp32."""
+    sig = {"x_ptr": pointer, "w_ptr": pointer if packed else "*fp32"}
+    if attrs["bias"] != "none":
+        sig["bias_ptr"] = "*fp32"
+    if attrs["table"] is not None:
+        sig.update({"block_start_ptr": "*i32", "block_chan_ptr": "*i32", "member_ptr": "*i8"})
+    return sig
+
+
 def table_connections(table) -> int:
     return sum(len(row) for row in table)
 
@@ -440,11 +452,7 @@ class Conv(Family):
         # A GPU launch packs the weight in the input's dtype (pack_weights["gpu"]).
         w_itemsize = ITEMSIZE[dtype] if self.pack_weights["gpu"] else 4
         tile = self.tile("gpu", a, ITEMSIZE[dtype], w_itemsize)
-        sig = {"x_ptr": pointer, "w_ptr": pointer if self.pack_weights["gpu"] else "*fp32"}
-        if a["bias"] != "none":
-            sig["bias_ptr"] = "*fp32"
-        if a["table"] is not None:
-            sig.update({"block_start_ptr": "*i32", "block_chan_ptr": "*i32", "member_ptr": "*i8"})
+        sig = conv_operand_signature(a, pointer, self.pack_weights["gpu"])
         sig["y_ptr"] = pointer
         sig.update(epilogue_signature(epilogue_of(graph, node), pointer))
         ints = ["batch", "c_in", "c_out", *(f"in_{d}" for d in dims), *(f"out_{d}" for d in dims)]

@@ -59,6 +59,7 @@ from .conv import (
     Tile,
     WeightCache,
     cached_table_blocks,
+    conv_operand_signature,
     conv_operands,
     dot_in_fp32,
     fit_tiles,
@@ -336,11 +337,7 @@ class ConvPool(Family):
         # A GPU launch packs the weight in the input's dtype (pack_weights["gpu"]).
         w_itemsize = ITEMSIZE[dtype] if self.pack_weights["gpu"] else 4
         tile = self.tile("gpu", a, ITEMSIZE[dtype], w_itemsize)
-        sig = {"x_ptr": pointer, "w_ptr": pointer if self.pack_weights["gpu"] else "*fp32"}
-        if a["bias"] != "none":
-            sig["bias_ptr"] = "*fp32"
-        if a["table"] is not None:
-            sig.update({"block_start_ptr": "*i32", "block_chan_ptr": "*i32", "member_ptr": "*i8"})
+        sig = conv_operand_signature(a, pointer, self.pack_weights["gpu"])
         sig["y_ptr"] = pointer
         sig.update(epilogue_signature(fused_epilogue(graph, node), pointer))
         ints = ["batch", "c_in", "c_out", *(f"in_{d}" for d in dims),
